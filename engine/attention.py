@@ -1,0 +1,126 @@
+"""The torch attention backend over the paged KV cache: the reference every GPU kernel is tested against.
+
+Like FlashInfer, it splits work into plan() (once per step: slots, gather indices, masks) and the
+per-layer call (write this step's K/V, gather, attend). Every kind of step is the same computation:
+queries at known positions attend to a set of cache positions, causally by position. Full attention
+uses every position of the sequence; sparse drafts give their own set per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+
+# Sequences with at most this many queries (decodes, verifications, drafts) are padded together;
+# longer prefill chunks form their own group so decodes are not padded to a prefill's length.
+_SHORT_QUERY = 16
+
+
+@dataclass
+class SequenceAttention:
+    """One sequence's share of a step: num_query new tokens at positions start_pos.., then attention."""
+
+    num_query: int
+    start_pos: int
+    page_table: list[int]
+    # Sparse attention: [layers, k] cache positions each layer attends to (-1 pads); None = all positions.
+    kv_positions: torch.Tensor | None = None
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + self.num_query
+
+
+@dataclass
+class _Group:
+    token_index: torch.Tensor  # [B, Q] flat token index of each (sequence, query) cell; padding -> 0
+    query_valid: torch.Tensor  # [B, Q]
+    kv_slots: torch.Tensor  # [1 or layers, B, K] cache slot of each attended entry
+    mask: torch.Tensor  # [1 or layers, B, 1, Q, K] True = attend
+
+
+def _slots(page_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Cache slot of each position (positions < 0 map to slot 0, callers mask them)."""
+    pos = positions.clamp(min=0)
+    pages = page_tables.gather(-1, pos // page_size)
+    return pages * page_size + pos % page_size
+
+
+class TorchAttentionBackend:
+    def __init__(self, cache: KVCache, scale: float):
+        self.cache = cache
+        self.scale = scale
+        self._slot_mapping = torch.empty(0, dtype=torch.long)
+        self._groups: list[_Group] = []
+
+    def plan(self, seqs: list[SequenceAttention]) -> None:
+        dev = self.cache.k.device
+        ps = self.cache.page_size
+        starts = [0]
+        for s in seqs:
+            starts.append(starts[-1] + s.num_query)
+        positions = torch.cat([torch.arange(s.start_pos, s.end_pos) for s in seqs])
+        owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([s.num_query for s in seqs]))
+        tables = self._page_tables(seqs)
+        self._slot_mapping = _slots(tables[owner], positions[:, None], ps)[:, 0].to(dev)
+
+        buckets: dict[tuple[bool, bool], list[int]] = {}
+        for i, s in enumerate(seqs):
+            buckets.setdefault((s.kv_positions is not None, s.num_query > _SHORT_QUERY), []).append(i)
+        self._groups = []
+        for (sparse, _), members in buckets.items():
+            q_len = max(seqs[i].num_query for i in members)
+            q_off = torch.arange(q_len)
+            n_q = torch.tensor([seqs[i].num_query for i in members])
+            query_valid = q_off[None, :] < n_q[:, None]
+            token_index = torch.where(query_valid, torch.tensor([starts[i] for i in members])[:, None] + q_off, 0)
+            q_pos = torch.tensor([seqs[i].start_pos for i in members])[:, None] + q_off  # [B, Q]
+            if sparse:
+                kv_pos = self._pad_stack([seqs[i].kv_positions for i in members])  # [L, B, K]
+            else:
+                k_len = max(seqs[i].end_pos for i in members)
+                ends = torch.tensor([seqs[i].end_pos for i in members])
+                ar = torch.arange(k_len)
+                kv_pos = torch.where(ar[None, :] < ends[:, None], ar, -1)[None]  # [1, B, K]
+            kv_valid = kv_pos >= 0
+            causal = kv_pos[:, :, None, :] <= q_pos[None, :, :, None]  # [L, B, Q, K]
+            # Padded query rows attend to any valid entry so softmax never sees an all-masked row.
+            mask = kv_valid[:, :, None, :] & (causal | ~query_valid[None, :, :, None])
+            kv_slots = _slots(tables[members][None].expand(kv_pos.shape[0], -1, -1), kv_pos, ps)
+            self._groups.append(
+                _Group(
+                    token_index=token_index.to(dev),
+                    query_valid=query_valid.to(dev),
+                    kv_slots=kv_slots.to(dev),
+                    mask=mask[:, :, None].to(dev),
+                )
+            )
+
+    @staticmethod
+    def _page_tables(seqs: list[SequenceAttention]) -> torch.Tensor:
+        width = max(1, max(len(s.page_table) for s in seqs))
+        return torch.tensor([s.page_table + [0] * (width - len(s.page_table)) for s in seqs], dtype=torch.long)
+
+    @staticmethod
+    def _pad_stack(kv_positions: list[torch.Tensor]) -> torch.Tensor:
+        width = max(p.shape[1] for p in kv_positions)
+        return torch.stack([F.pad(p.cpu().long(), (0, width - p.shape[1]), value=-1) for p in kv_positions], dim=1)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[self._slot_mapping] = k
+        v_cache[self._slot_mapping] = v
+        out = torch.empty_like(q)
+        for g in self._groups:
+            li = layer if g.kv_slots.shape[0] > 1 else 0
+            slots = g.kv_slots[li]
+            qg = q[g.token_index].transpose(1, 2)  # [B, H, Q, d]
+            kg = k_cache[slots].transpose(1, 2)  # [B, Hkv, K, d]
+            vg = v_cache[slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask[li], scale=self.scale, enable_gqa=True)
+            out[g.token_index[g.query_valid]] = o.transpose(1, 2)[g.query_valid]
+        return out

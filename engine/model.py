@@ -1,0 +1,128 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a flat batch of tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .gguf_loader import ModelLoadError
+
+
+class Attention(Protocol):
+    """What a layer needs from the attention backend: write this step's K/V, attend, return the output."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # q, k and v projections stacked: one matmul instead of three
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # gate and up projections stacked
+    down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE; x is [tokens, heads, head_dim], cos/sin are [tokens, head_dim // 2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+class DecoderModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        c = config
+
+        def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            w = weights.get(name)
+            if w is None:
+                raise ModelLoadError(f"weights lack {name}")
+            if tuple(w.shape) != shape:
+                raise ModelLoadError(f"{name} has shape {tuple(w.shape)}, expected {shape}")
+            return w.to(device=self.device, dtype=dtype)
+
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.embed = take("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        self.lm_head = (
+            self.embed if c.tie_word_embeddings else take("lm_head.weight", (c.vocab_size, c.hidden_size))
+        )
+        self.final_norm = take("model.norm.weight", (c.hidden_size,))
+        self.layers: list[LayerWeights] = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            attn = p + "self_attn."
+            bias = None
+            if c.attention_bias:
+                bias = torch.cat(
+                    [take(attn + "q_proj.bias", (q_out,)), take(attn + "k_proj.bias", (kv_out,)),
+                     take(attn + "v_proj.bias", (kv_out,))]
+                )
+            self.layers.append(
+                LayerWeights(
+                    input_norm=take(p + "input_layernorm.weight", (c.hidden_size,)),
+                    qkv=torch.cat(
+                        [take(attn + "q_proj.weight", (q_out, c.hidden_size)),
+                         take(attn + "k_proj.weight", (kv_out, c.hidden_size)),
+                         take(attn + "v_proj.weight", (kv_out, c.hidden_size))]
+                    ),
+                    qkv_bias=bias,
+                    q_norm=take(attn + "q_norm.weight", (c.head_dim,)) if c.qk_norm else None,
+                    k_norm=take(attn + "k_norm.weight", (c.head_dim,)) if c.qk_norm else None,
+                    o_proj=take(attn + "o_proj.weight", (c.hidden_size, q_out)),
+                    post_norm=take(p + "post_attention_layernorm.weight", (c.hidden_size,)),
+                    gate_up=torch.cat(
+                        [take(p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size)),
+                         take(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size))]
+                    ),
+                    down=take(p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)),
+                )
+            )
+        freqs = torch.outer(torch.arange(c.max_context, dtype=torch.float32), c.rope_inv_freq())
+        self.rope_cos = freqs.cos().to(self.device)
+        self.rope_sin = freqs.sin().to(self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """Hidden states after the final norm for a flat batch of tokens of any number of sequences."""
+        c = self.config
+        n = input_ids.shape[0]
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.embed[input_ids]
+        for i, w in enumerate(self.layers):
+            x = rms_norm(h, w.input_norm, c.rms_norm_eps)
+            qkv = F.linear(x, w.qkv, w.qkv_bias)
+            q = qkv[:, :q_out].view(n, c.num_heads, c.head_dim)
+            k = qkv[:, q_out : q_out + kv_out].view(n, c.num_kv_heads, c.head_dim)
+            v = qkv[:, q_out + kv_out :].view(n, c.num_kv_heads, c.head_dim)
+            if w.q_norm is not None:
+                q = rms_norm(q, w.q_norm, c.rms_norm_eps)
+                k = rms_norm(k, w.k_norm, c.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            o = attention(i, q, k, v.contiguous())
+            h = h + F.linear(o.reshape(n, q_out), w.o_proj)
+            x = rms_norm(h, w.post_norm, c.rms_norm_eps)
+            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w.down)
+        return rms_norm(h, self.final_norm, c.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

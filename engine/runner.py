@@ -1,0 +1,41 @@
+"""Turns one step's sequences into the model's flat batch, runs it, and returns the logits each sequence asked for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import SequenceAttention, TorchAttentionBackend
+from .model import DecoderModel
+
+
+@dataclass
+class SequenceInput:
+    token_ids: list[int]  # the new tokens, at positions start_pos, start_pos + 1, ...
+    start_pos: int
+    page_table: list[int]
+    num_logits: int  # logits for this many trailing tokens (0 for a prefill chunk that is not the last)
+    kv_positions: torch.Tensor | None = None  # sparse attention: [layers, k] positions per layer
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, backend: TorchAttentionBackend):
+        self.model = model
+        self.backend = backend
+
+    def run(self, seqs: list[SequenceInput]) -> list[torch.Tensor]:
+        """Write every sequence's new K/V into the cache and return [num_logits, vocab] per sequence."""
+        self.backend.plan(
+            [SequenceAttention(len(s.token_ids), s.start_pos, s.page_table, s.kv_positions) for s in seqs]
+        )
+        dev = self.model.device
+        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)
+        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + len(s.token_ids)) for s in seqs])
+        hidden = self.model.forward(ids.to(dev), positions.to(dev), self.backend)
+        rows, end = [], 0
+        for s in seqs:
+            end += len(s.token_ids)
+            rows.extend(range(end - s.num_logits, end))
+        logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)])
+        return list(logits.split([s.num_logits for s in seqs]))

@@ -1,0 +1,76 @@
+"""The `specattn` command line: `specattn generate` (one prompt, printed) and `specattn serve` (the HTTP server)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from specattn.engine.gguf_loader import ModelLoadError
+from specattn.engine.sampling import SamplingParams
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a .gguf file or an HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--num-pages", type=int, default=CacheConfig.num_pages, help="KV cache pages")
+    p.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
+    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return EngineConfig(
+        model=args.model,
+        device=device,
+        cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from specattn.engine.engine import LLMEngine
+
+    engine = LLMEngine(engine_config(args))
+    tok = engine.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+    prompt_ids = tok.encode(text)
+    engine.add_request("cli", prompt_ids, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt and print it")
+    _add_engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except (ModelLoadError, ValueError) as e:
+        print(f"specattn: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

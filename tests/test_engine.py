@@ -1,0 +1,167 @@
+"""The engine on the embedded model: the known answer, batching and preemption that never change greedy output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from specattn.engine.sampling import SamplingParams
+from tests.conftest import CAPITAL_QUESTION
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+PROMPTS = [
+    "The quick brown fox",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a king who had three daughters. The youngest",
+    "1, 2, 3, 4,",
+    "Paris is the capital of",
+    "The three primary colors are red, blue and",
+    "import numpy as np\nx = np.arange(10)\nprint(",
+    "In 1969, the first humans landed on the Moon. The mission was called Apollo 11 and its crew",
+    "Q: What is 7 times 8?\nA:",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    return make_engine()
+
+
+@pytest.fixture(scope="module")
+def alone(engine):
+    """Each prompt decoded on its own: the reference every batched run must reproduce."""
+    tok = engine.tokenizer
+    return [engine.generate([tok.encode(p)], GREEDY)[0] for p in PROMPTS]
+
+
+def test_cli_answers_the_capital_question():
+    out = subprocess.run(
+        [sys.executable, "-m", "specattn.server.cli", "generate", "--chat", "--prompt", CAPITAL_QUESTION, "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "The capital of France is Paris."
+
+
+def _run_staggered(engine, prompts_ids):
+    """Submit prompts at different steps (two now, one more every other step) and collect outputs."""
+    results = {i: [] for i in range(len(prompts_ids))}
+    pending = list(range(len(prompts_ids)))
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and (step < 1 or step % 2 == 0):
+            for _ in range(2 if step == 0 else 1):
+                if pending:
+                    i = pending.pop(0)
+                    engine.add_request(f"r{i}", prompts_ids[i], GREEDY)
+        for out in engine.step():
+            results[int(out.request_id[1:])].extend(out.new_token_ids)
+        step += 1
+    return [results[i] for i in range(len(prompts_ids))]
+
+
+def test_batched_staggered_equals_alone(engine, alone):
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    assert _run_staggered(engine, ids) == alone
+    assert engine.kv_usage == 0
+
+
+def test_preemption_keeps_outputs_and_frees_pages(make_engine, alone):
+    # 9 requests of ~10-25 prompt + 24 output tokens need ~40 pages of 4 at once; 24 pages force preemption.
+    small = make_engine(num_pages=24, page_size=4, max_num_batched_tokens=64)
+    ids = [small.tokenizer.encode(p) for p in PROMPTS]
+    preemptions = []
+    original = small.scheduler._preempt
+
+    def counting(req):
+        preemptions.append(req.request_id)
+        original(req)
+
+    small.scheduler._preempt = counting
+    assert _run_staggered(small, ids) == alone
+    assert preemptions, "the pool was meant to be too small to hold every request at once"
+    assert small.kv_usage == 0
+
+
+def test_abort_frees_pages_and_leaves_others_unaffected(engine, alone):
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS[:3]]
+    for i, p in enumerate(ids):
+        engine.add_request(f"r{i}", p, GREEDY)
+    results = {f"r{i}": [] for i in range(3)}
+    for _ in range(5):
+        for out in engine.step():
+            results[out.request_id].extend(out.new_token_ids)
+    final = engine.abort_request("r1")
+    assert final.finished and final.finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            results[out.request_id].extend(out.new_token_ids)
+    assert results["r0"] == alone[0] and results["r2"] == alone[2]
+    assert engine.kv_usage == 0
+
+
+def test_chunked_prefill_equals_one_shot(make_engine, alone):
+    chunked = make_engine(max_num_batched_tokens=7)  # prompts cross several steps
+    tok = chunked.tokenizer
+    assert chunked.generate([tok.encode(PROMPTS[2])], GREEDY)[0] == alone[2]
+
+
+def test_stop_string_split_across_tokens_is_cut(engine):
+    tok = engine.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": CAPITAL_QUESTION}]))
+    engine.add_request("s", prompt, SamplingParams(max_tokens=30, temperature=0, stop=("of Fr",)))
+    text, reason = "", None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text += out.new_text
+            reason = out.finish_reason
+    assert text == "The capital " and reason == "stop"
+
+
+def test_eos_min_tokens_and_max_tokens(engine):
+    tok = engine.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": CAPITAL_QUESTION}]))
+    natural = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0]
+    assert natural[-1] in tok.eos_token_ids and len(natural) < 30
+    longer = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0, min_tokens=len(natural) + 3))[0]
+    assert len(longer) >= len(natural) + 3 and longer[: len(natural) - 1] == natural[:-1]
+    assert len(engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0]) == 3
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(engine):
+    tok = engine.tokenizer
+    p = tok.encode("Write a short poem about the sea.")
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    a = engine.generate([p], params)[0]
+    b, _ = engine.generate([p, tok.encode("Another prompt entirely")], params)
+    c = engine.generate([p], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True))[0]
+    assert a == b
+    assert a != c
+
+
+@pytest.mark.parametrize(
+    "prompt_len, params, message",
+    [
+        (8192, GREEDY, "context"),
+        (0, GREEDY, "empty"),
+    ],
+)
+def test_requests_that_cannot_run_are_refused(engine, prompt_len, params, message):
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", [5] * prompt_len, params)
+    assert not engine.has_unfinished_requests() and engine.kv_usage == 0
+
+
+def test_bad_sampling_params_are_refused():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_token_ids_outside_vocabulary_are_refused(engine):
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("bad", [1, 2, 49152], GREEDY)
