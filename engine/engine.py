@@ -131,6 +131,7 @@ class LLMEngine:
             finish_reason=req.finish_reason,
             num_prompt_tokens=len(req.prompt_ids),
             num_output_tokens=len(req.output_ids),
+            spec=req.spec if req.finished else None,
         )
 
     def _finish(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
