@@ -1,0 +1,180 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic v2); they also make up /openapi.json."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+# Bounds that keep one request from asking for unbounded work; generous next to what clients send.
+MAX_CHOICES = 16  # n
+MAX_PROMPTS = 64  # prompts in one completions batch
+MAX_STOP = 16  # stop strings, and stop token ids
+MAX_SEED = 2**63 - 1  # seed + i (i < n) must fit torch's unsigned 64-bit seed
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
+Prompt = (
+    StrictStr
+    | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+)
+Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI clients send extras freely."""
+
+    model: StrictStr
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # OpenAI's default; 0 is greedy
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=-1)] = 0  # 0 or -1: off
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    stop: Stop = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    user: str | None = None  # accepted for compatibility; not used
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None, description="default: what is left of the context after the prompt"
+    )
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None, description="default: what is left of the context after the prompt"
+    )
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None, description="deprecated alias of max_completion_tokens"
+    )
+
+
+# ---- responses ----
+
+FinishReasonName = Literal["stop", "length", "abort"]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Response(BaseModel):
+    id: str
+    created: int = Field(default_factory=now)
+    model: str
+    # our extension: the request's speculation counters (SpecStats.as_dict), summed over its choices
+    spec_decode: dict[str, Any] | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReasonName | None
+    logprobs: None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReasonName | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: FinishReasonName | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "specattn"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
