@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -50,6 +51,43 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .serve import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    asyncio.run(
+        serve(
+            engine_config(args),
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            shutdown_grace_s=args.shutdown_grace,
+            log_level=args.log_level,
+        )
+    )
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .app import DEFAULT_MAX_QUEUE
+
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model's name)")
+    p.add_argument("--api-key", default=os.environ.get("SPECATTN_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/ (default: $SPECATTN_API_KEY; unset: open)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="choices waiting for their first token before new requests get 503")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,10 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_engine_args(srv)
+    _add_serve_args(srv)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
     except (ModelLoadError, ValueError) as e:
         print(f"specattn: error: {e}", file=sys.stderr)
         return 2
