@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specattn.kernels.reference import verification_scores
+
 from .kv_cache import KVCache
 
 # Sequences with at most this many queries (decodes, verifications, drafts) are padded together;
@@ -29,6 +31,9 @@ class SequenceAttention:
     page_table: list[int]
     # Sparse attention: [layers, k] cache positions each layer attends to (-1 pads); None = all positions.
     kv_positions: torch.Tensor | None = None
+    # Score extraction (full attention only): these query rows' attention weights over positions [0, score_len).
+    score_rows: tuple[int, ...] = ()
+    score_len: int = 0
 
     @property
     def end_pos(self) -> int:
@@ -41,6 +46,9 @@ class _Group:
     query_valid: torch.Tensor  # [B, Q]
     kv_slots: torch.Tensor  # [1 or layers, B, K] cache slot of each attended entry
     mask: torch.Tensor  # [1 or layers, B, 1, Q, K] True = attend
+    score_seqs: list[int]  # step-wide indices of the sequences whose scores this group extracts
+    score_members: torch.Tensor  # [S] their rows in this group
+    score_rows: torch.Tensor  # [S, 2] query index of the two scored rows (one row is given twice)
 
 
 def _slots(page_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -56,6 +64,8 @@ class TorchAttentionBackend:
         self.scale = scale
         self._slot_mapping = torch.empty(0, dtype=torch.long)
         self._groups: list[_Group] = []
+        self._scores: list[list[torch.Tensor]] = []  # per group, per layer: [S, K]
+        self._score_lens: dict[int, int] = {}
 
     def plan(self, seqs: list[SequenceAttention]) -> None:
         dev = self.cache.k.device
@@ -91,14 +101,21 @@ class TorchAttentionBackend:
             # Padded query rows attend to any valid entry so softmax never sees an all-masked row.
             mask = kv_valid[:, :, None, :] & (causal | ~query_valid[None, :, :, None])
             kv_slots = _slots(tables[members][None].expand(kv_pos.shape[0], -1, -1), kv_pos, ps)
+            scored = [j for j, i in enumerate(members) if seqs[i].score_rows and not sparse]
+            rows = [(seqs[members[j]].score_rows * 2)[:2] for j in scored]
             self._groups.append(
                 _Group(
                     token_index=token_index.to(dev),
                     query_valid=query_valid.to(dev),
                     kv_slots=kv_slots.to(dev),
                     mask=mask[:, :, None].to(dev),
+                    score_seqs=[members[j] for j in scored],
+                    score_members=torch.tensor(scored, dtype=torch.long, device=dev),
+                    score_rows=torch.tensor(rows, dtype=torch.long, device=dev).reshape(len(scored), 2),
                 )
             )
+        self._scores = [[] for _ in self._groups]
+        self._score_lens = {i: s.score_len for i, s in enumerate(seqs) if s.score_rows}
 
     @staticmethod
     def _page_tables(seqs: list[SequenceAttention]) -> torch.Tensor:
@@ -115,7 +132,7 @@ class TorchAttentionBackend:
         k_cache[self._slot_mapping] = k
         v_cache[self._slot_mapping] = v
         out = torch.empty_like(q)
-        for g in self._groups:
+        for gi, g in enumerate(self._groups):
             li = layer if g.kv_slots.shape[0] > 1 else 0
             slots = g.kv_slots[li]
             qg = q[g.token_index].transpose(1, 2)  # [B, H, Q, d]
@@ -123,4 +140,23 @@ class TorchAttentionBackend:
             vg = v_cache[slots].transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask[li], scale=self.scale, enable_gqa=True)
             out[g.token_index[g.query_valid]] = o.transpose(1, 2)[g.query_valid]
+            if g.score_seqs:
+                self._scores[gi].append(self._extract_scores(g, q, k_cache, slots, g.mask[li]))
         return out
+
+    def _extract_scores(self, g: _Group, q, k_cache, slots, mask) -> torch.Tensor:
+        m, r = g.score_members, g.score_rows
+        rows_q = q[g.token_index[m[:, None], r]]  # [S, 2, H, d]
+        rows_mask = mask[m, 0][torch.arange(len(m), device=m.device)[:, None], r]  # [S, 2, K]
+        return verification_scores(rows_q, k_cache[slots[m]], rows_mask, self.scale)
+
+    def take_scores(self) -> dict[int, torch.Tensor]:
+        """Scores of the last forward: step-wide sequence index → [layers, score_len]."""
+        result = {}
+        for g, per_layer in zip(self._groups, self._scores):
+            if not per_layer:
+                continue
+            stacked = torch.stack(per_layer)  # [L, S, K]
+            for j, i in enumerate(g.score_seqs):
+                result[i] = stacked[:, j, : self._score_lens[i]]
+        return result

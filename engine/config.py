@@ -82,6 +82,35 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
 
 
+DRAFTERS = ("none", "streaming", "specattn")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Self-speculative decoding. See docs/speculation.md for how the defaults were chosen."""
+
+    drafter: str = "specattn"  # none (plain decoding) | streaming (sink + window) | specattn (verification-guided)
+    gamma: int = 4  # draft tokens per iteration; the upper bound when adaptive
+    adaptive: bool = True  # choose gamma in [0, gamma] each step from measured costs and acceptance
+    budget_ratio: float = 0.05  # r: a draft keeps ceil(r * context) scored positions per layer ...
+    min_budget: int = 256  # ... but at least this many (k_min)
+    sink_tokens: int = 4  # the streaming drafter's attention sink
+
+    def __post_init__(self) -> None:
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {', '.join(DRAFTERS)}")
+        if not 0 <= self.gamma <= 16:
+            raise ValueError(f"gamma must be in [0, 16], got {self.gamma}")
+        if not 0 < self.budget_ratio <= 1:
+            raise ValueError(f"budget_ratio must be in (0, 1], got {self.budget_ratio}")
+        if self.min_budget < 1 or self.sink_tokens < 0:
+            raise ValueError("min_budget must be positive and sink_tokens non-negative")
+
+    @property
+    def max_gamma(self) -> int:
+        return 0 if self.drafter == "none" else self.gamma
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
@@ -89,6 +118,7 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
 
     @property
     def resolved_dtype(self) -> torch.dtype:

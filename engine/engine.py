@@ -2,21 +2,51 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
+import time
+from dataclasses import dataclass, field
 
+import torch
+
+from .acceptance import accept_greedy, accept_sampled
+from .adaptive import GammaController
 from .attention import TorchAttentionBackend
 from .config import EngineConfig
 from .kv_cache import KVCache
 from .loader import ModelFiles, load_model_files
 from .model import DecoderModel
-from .request import FinishReason, Request, RequestOutput, RequestStatus
+from .drafters import make_drafter
+from .request import FinishReason, Request, RequestOutput, RequestStatus, SpecStats
 from .runner import ModelRunner, SequenceInput
-from .sampling import SamplingParams, sample_token
-from .scheduler import Scheduler
+from .sampling import SamplingParams, probabilities, sample_token
+from .scheduler import ScheduledChunk, Scheduler
 from .stopping import OutputTracker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Draft:
+    """The tokens one request drafted this step and, when sampling, the distributions they came from."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs_rows: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.stack(self.probs_rows)
+
+
+@dataclass
+class EngineStats:
+    drafter: str
+    last_gamma: int
+    spec: SpecStats
+    num_running: int
+    num_waiting: int
+    kv_usage: float
 
 
 class LLMEngine:
@@ -32,6 +62,9 @@ class LLMEngine:
         backend = TorchAttentionBackend(self.cache, scale=files.config.head_dim**-0.5)
         self.runner = ModelRunner(self.model, backend)
         self.scheduler = Scheduler(config.scheduler, self.cache.allocator)
+        self.drafter = make_drafter(config.spec, files.config.num_layers)
+        self.gamma_controller = GammaController(config.spec.max_gamma, config.spec.adaptive)
+        self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
         self._arrivals = itertools.count()
 
@@ -53,7 +86,8 @@ class LLMEngine:
                 "(including at least one generated token)"
             )
         capacity = self.cache.allocator.num_pages * self.cache.page_size
-        if min(len(prompt_ids) + params.max_tokens, self.max_context) > capacity:
+        needed = min(len(prompt_ids) + params.max_tokens, self.max_context) + self.config.spec.max_gamma
+        if needed > capacity:
             raise ValueError(f"the request needs more KV cache than the whole pool holds ({capacity} tokens)")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -95,31 +129,95 @@ class LLMEngine:
         return self.cache.allocator.usage
 
     def step(self) -> list[RequestOutput]:
-        chunks = self.scheduler.schedule()
+        """One iteration: draft ×γ for decoding requests, then one verification/prefill forward, then accept."""
+        drafting = self.drafter is not None
+        chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
         if not chunks:
             return []
-        logits = self.runner.run(
-            [
+        decodes = [c for c in chunks if c.num_tokens == 1 and c.completes_sequence and c.request.draft is not None]
+        gamma = self.gamma_controller.choose(len(decodes)) if decodes else 0
+        drafts = self._draft(decodes, gamma) if gamma else {}
+
+        seqs = []
+        for c in chunks:
+            req = c.request
+            draft = drafts.get(req.request_id)
+            tokens = req.all_ids[c.start : c.start + c.num_tokens] + (draft.tokens if draft else [])
+            scored = drafting and self.drafter.needs_scores and c.completes_sequence
+            seqs.append(
                 SequenceInput(
-                    token_ids=c.request.all_ids[c.start : c.start + c.num_tokens],
+                    token_ids=tokens,
                     start_pos=c.start,
-                    page_table=c.request.page_table,
-                    num_logits=1 if c.completes_sequence else 0,
+                    page_table=req.page_table,
+                    num_logits=len(tokens) - c.num_tokens + 1 if c.completes_sequence else 0,
+                    # SpecAttn scores the verification's first and last rows over [0, anchor]
+                    score_rows=(c.num_tokens - 1, len(tokens) - 1) if scored else (),
+                    score_len=c.start + c.num_tokens if scored else 0,
                 )
-                for c in chunks
-            ]
-        )
+            )
+        t0 = time.perf_counter()
+        result = self.runner.run(seqs)
+        if decodes and len(decodes) == len(chunks):  # only pure decode steps measure the verify cost
+            self.gamma_controller.record_verify_time(len(decodes), gamma, time.perf_counter() - t0)
+
         outputs = []
-        for chunk, rows in zip(chunks, logits):
+        for i, (chunk, logits) in enumerate(zip(chunks, result.logits)):
             req = chunk.request
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
                 continue
+            draft = drafts.get(req.request_id)
+            if draft is None:
+                tokens = [sample_token(logits[-1], req.params, req.generator)]
+            elif req.params.greedy:
+                tokens = accept_greedy(draft.tokens, logits)
+            else:
+                tokens = accept_sampled(draft.tokens, draft.probs, logits, req.params, req.generator)
+            if draft is not None:
+                accepted = len(tokens) - 1
+                req.spec.record(gamma, accepted)
+                self.spec_stats.record(gamma, accepted)
+                self.gamma_controller.record_acceptance(gamma, accepted)
+                req.num_computed += accepted  # accepted drafts' K/V came from the verification itself
+            if drafting:
+                anchor = chunk.start + chunk.num_tokens - 1
+                req.draft = self.drafter.select(anchor, result.scores.get(i))
             tracker = self._trackers[req.request_id]
-            token = sample_token(rows[-1], req.params, req.generator)
-            taken = tracker.commit([token])
-            outputs.append(self._finish(tracker, [token][:taken]) if req.finish_reason else self._output(tracker, [token]))
+            taken = tracker.commit(tokens)
+            outputs.append(self._finish(tracker, tokens[:taken]) if req.finish_reason else self._output(tracker, tokens))
         return outputs
+
+    def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> dict[str, Draft]:
+        """γ sequential sparse forwards for all decoding requests at once; each sees only its draft positions."""
+        drafts = {c.request.request_id: Draft() for c in chunks}
+        t0 = time.perf_counter()
+        for j in range(gamma):
+            seqs = []
+            for c in chunks:
+                req, pos = c.request, c.start + j
+                last = drafts[req.request_id].tokens[-1] if j else req.all_ids[-1]
+                seqs.append(SequenceInput([last], pos, req.page_table, 1, kv_positions=req.draft.attended_positions(pos)))
+            logits = self.runner.run(seqs).logits
+            for c, row in zip(chunks, logits):
+                req, draft = c.request, drafts[c.request.request_id]
+                if req.params.greedy:
+                    draft.tokens.append(int(row[-1].argmax()))
+                    continue
+                q = probabilities(row[-1], req.params)
+                draft.tokens.append(int(torch.multinomial(q, 1, generator=req.generator)))
+                draft.probs_rows.append(q)
+        self.gamma_controller.record_draft_time(len(chunks), (time.perf_counter() - t0) / gamma)
+        return drafts
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            drafter=self.config.spec.drafter,
+            last_gamma=self.gamma_controller.last_gamma,
+            spec=copy.deepcopy(self.spec_stats),
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_usage=self.kv_usage,
+        )
 
     def _output(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
         req = tracker.request

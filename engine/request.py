@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .drafters import DraftState
 from .sampling import SamplingParams
 
 
@@ -77,6 +78,7 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     spec: SpecStats = field(default_factory=SpecStats)
+    draft: DraftState | None = None  # what the next drafts attend to; set by each verification
 
     @property
     def all_ids(self) -> list[int]:

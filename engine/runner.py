@@ -17,6 +17,14 @@ class SequenceInput:
     page_table: list[int]
     num_logits: int  # logits for this many trailing tokens (0 for a prefill chunk that is not the last)
     kv_positions: torch.Tensor | None = None  # sparse attention: [layers, k] positions per layer
+    score_rows: tuple[int, ...] = ()  # rows (indices into token_ids) whose attention weights to return
+    score_len: int = 0  # ... over cache positions [0, score_len)
+
+
+@dataclass
+class StepResult:
+    logits: list[torch.Tensor]  # per sequence: [num_logits, vocab]
+    scores: dict[int, torch.Tensor]  # sequence index → [layers, score_len], for sequences that asked
 
 
 class ModelRunner:
@@ -24,10 +32,15 @@ class ModelRunner:
         self.model = model
         self.backend = backend
 
-    def run(self, seqs: list[SequenceInput]) -> list[torch.Tensor]:
-        """Write every sequence's new K/V into the cache and return [num_logits, vocab] per sequence."""
+    def run(self, seqs: list[SequenceInput]) -> StepResult:
+        """Write every sequence's new K/V into the cache; return the logits (and scores) each sequence asked for."""
         self.backend.plan(
-            [SequenceAttention(len(s.token_ids), s.start_pos, s.page_table, s.kv_positions) for s in seqs]
+            [
+                SequenceAttention(
+                    len(s.token_ids), s.start_pos, s.page_table, s.kv_positions, s.score_rows, s.score_len
+                )
+                for s in seqs
+            ]
         )
         dev = self.model.device
         ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)
@@ -38,4 +51,4 @@ class ModelRunner:
             end += len(s.token_ids)
             rows.extend(range(end - s.num_logits, end))
         logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)])
-        return list(logits.split([s.num_logits for s in seqs]))
+        return StepResult(list(logits.split([s.num_logits for s in seqs])), self.backend.take_scores())

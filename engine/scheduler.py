@@ -61,7 +61,7 @@ class Scheduler:
                     break
             if req.status is RequestStatus.RUNNING:
                 chunks.append(ScheduledChunk(req, req.num_computed, n))
-                budget -= n
+                budget -= n + extra
                 i += 1
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             req = self.waiting[0]
@@ -80,6 +80,7 @@ class Scheduler:
         """Free a request's pages; it waits at the front and recomputes its prompt and output on resume."""
         self.allocator.release(req.page_table)
         req.num_computed = 0
+        req.draft = None
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.waiting.appendleft(req)

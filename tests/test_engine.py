@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from specattn.engine.config import SpecConfig
 from specattn.engine.sampling import SamplingParams
 from tests.conftest import CAPITAL_QUESTION
 
@@ -25,9 +26,12 @@ PROMPTS = [
 ]
 
 
+PLAIN = SpecConfig(drafter="none")
+
+
 @pytest.fixture(scope="module")
 def engine(make_engine):
-    return make_engine()
+    return make_engine(spec=PLAIN)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def test_batched_staggered_equals_alone(engine, alone):
 
 def test_preemption_keeps_outputs_and_frees_pages(make_engine, alone):
     # 9 requests of ~10-25 prompt + 24 output tokens need ~40 pages of 4 at once; 24 pages force preemption.
-    small = make_engine(num_pages=24, page_size=4, max_num_batched_tokens=64)
+    small = make_engine(num_pages=24, page_size=4, max_num_batched_tokens=64, spec=PLAIN)
     ids = [small.tokenizer.encode(p) for p in PROMPTS]
     preemptions = []
     original = small.scheduler._preempt
@@ -104,7 +108,7 @@ def test_abort_frees_pages_and_leaves_others_unaffected(engine, alone):
 
 
 def test_chunked_prefill_equals_one_shot(make_engine, alone):
-    chunked = make_engine(max_num_batched_tokens=7)  # prompts cross several steps
+    chunked = make_engine(max_num_batched_tokens=7, spec=PLAIN)  # prompts cross several steps
     tok = chunked.tokenizer
     assert chunked.generate([tok.encode(PROMPTS[2])], GREEDY)[0] == alone[2]
 

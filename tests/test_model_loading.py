@@ -26,8 +26,8 @@ def _our_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     pages: list[int] = []
     assert engine.cache.allocator.grow(pages, len(ids))
     cut = len(ids) // 2
-    first = engine.runner.run([SequenceInput(ids[:cut], 0, pages, num_logits=cut)])[0]
-    second = engine.runner.run([SequenceInput(ids[cut:], cut, pages, num_logits=len(ids) - cut)])[0]
+    first = engine.runner.run([SequenceInput(ids[:cut], 0, pages, num_logits=cut)]).logits[0]
+    second = engine.runner.run([SequenceInput(ids[cut:], cut, pages, num_logits=len(ids) - cut)]).logits[0]
     engine.cache.allocator.release(pages)
     return torch.cat([first, second])
 

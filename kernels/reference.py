@@ -1,0 +1,34 @@
+"""Plain-torch references of the SpecAttn kernels: verification scores, the token budget and critical-token selection.
+
+These run on the CPU path and are what every GPU kernel of the same function is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def verification_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention weights exp(scale·q·k − lse) of a few query rows, averaged over all query heads and rows.
+
+    q: [B, R, H, d] the scored query rows; k: [B, K, Hkv, d] the keys they attend to; mask: [B, R, K]
+    True where row r attends key j (its causal span). Returns [B, K]; keys no row attends score 0.
+    """
+    group = q.shape[2] // k.shape[2]
+    kk = k.repeat_interleave(group, dim=2).float()
+    logits = torch.einsum("brhd,bkhd->brhk", q.float(), kk) * scale
+    logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
+    weights = torch.exp(logits - torch.logsumexp(logits, dim=-1, keepdim=True))
+    return weights.mean(dim=(1, 2))
+
+
+def token_budget(length: int, ratio: float, min_tokens: int) -> int:
+    """k = clamp(ceil(ratio · length), min_tokens, length): how many scored positions a draft keeps."""
+    return min(length, max(min_tokens, math.ceil(ratio * length)))
+
+
+def select_critical_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per layer, the k highest-scoring positions in increasing order. scores: [layers, length] → [layers, k]."""
+    return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
