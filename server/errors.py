@@ -37,18 +37,36 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+def _field_names() -> frozenset[str]:
+    from pydantic import BaseModel
+
+    from . import protocol
+
+    models = [m for m in vars(protocol).values() if isinstance(m, type) and issubclass(m, BaseModel)]
+    return frozenset(name for m in models for name in m.model_fields)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first problem, phrased for a person, and the field it is about (dotted, without the `body` prefix)."""
+    """The problem, phrased for a person, and the field it is about (dotted, like `messages.0.content`).
+
+    pydantic puts the union member it tried (`str`, `list[int]`, ...) into an error's location; those
+    are dropped, and the failures of one field's alternatives are reported together.
+    """
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    msg = err.get("msg", "invalid value")
-    if err.get("type") == "json_invalid":
+    if errors[0].get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    return (f"{param}: {msg}" if param else msg), param
+    fields = _field_names()
+
+    def param_of(err: dict) -> str | None:
+        loc = [str(p) for p in err.get("loc", ()) if isinstance(p, int) or p in fields]
+        return ".".join(loc) or None
+
+    param = param_of(errors[0])
+    messages = list(dict.fromkeys(e.get("msg", "invalid value") for e in errors if param_of(e) == param))
+    text = "; or ".join(messages[:4])
+    return (f"{param}: {text}" if param else text), param
 
 
 def install_error_handlers(app: FastAPI) -> None:

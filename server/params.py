@@ -47,8 +47,8 @@ def chat_prompt(req: ChatCompletionRequest, engine: LLMEngine) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def _max_tokens(requested: int | None, param: str, prompt_len: int, engine: LLMEngine) -> int:
-    context = engine.max_context
+def _max_tokens(requested: int | None, param: str, prompt_ids: list[int], engine: LLMEngine) -> int:
+    context, prompt_len = engine.max_context, len(prompt_ids)
     if requested is not None:
         if prompt_len + requested > context:
             raise APIError(
@@ -58,12 +58,44 @@ def _max_tokens(requested: int | None, param: str, prompt_len: int, engine: LLME
                 param=param,
             )
         return requested
-    # default: fill what is left of the context, but never more than the KV pool could hold at once
-    pool = engine.config.cache.num_pages * engine.config.cache.page_size
-    left = min(context, pool) - prompt_len
+    return _default_max_tokens(prompt_ids, engine)
+
+
+def _default_max_tokens(prompt_ids: list[int], engine: LLMEngine) -> int:
+    """What is left of the context, or less where the KV pool could not hold that much at once.
+
+    The engine's own check decides what fits (it reserves room for speculation too), so this asks it,
+    by bisection over its cheap arithmetic, rather than repeating its rules here.
+    """
+    left = engine.max_context - len(prompt_ids)
     if left < 1:
-        raise APIError(400, f"the prompt has {prompt_len} tokens and leaves no room to generate", param="prompt")
-    return left
+        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens and leaves no room to generate", param="prompt")
+
+    def fits(n: int) -> bool:
+        try:
+            engine.check_request(prompt_ids, SamplingParams(max_tokens=n))
+        except ValueError:
+            return False
+        return True
+
+    if fits(left) or not fits(1):
+        return left  # not fitting even one token: build_jobs' own check reports why
+    lo, hi = 1, left  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# Tiny temperatures and top_p values that the engine's float32 arithmetic turns into inf or 0 (and a
+# NaN distribution, failing the whole batch). Both mean "the most likely token" anyway, so they are
+# mapped to values that say the same thing safely.
+_GREEDY_BELOW = 1e-5
+_MIN_TOP_P = 1e-6
+
+
+def _effective_temperature(t: float) -> float:
+    return 0.0 if t < _GREEDY_BELOW else t
 
 
 def build_jobs(
@@ -75,13 +107,13 @@ def build_jobs(
     for p_idx, ids in enumerate(prompts):
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        limit = _max_tokens(max_tokens, max_tokens_param, len(ids), engine)
+        limit = _max_tokens(max_tokens, max_tokens_param, ids, engine)
         for i in range(req.n):
             try:
                 params = SamplingParams(
                     max_tokens=limit,
-                    temperature=req.temperature,
-                    top_p=req.top_p,
+                    temperature=_effective_temperature(req.temperature),
+                    top_p=max(req.top_p, _MIN_TOP_P),
                     top_k=req.top_k,
                     seed=None if req.seed is None else req.seed + i,  # distinct yet reproducible choices
                     stop=stop,
