@@ -72,8 +72,8 @@ async def serve(
         await _warm_up(engine)
         name = served_model_name or engine.engine.model_name
         state.attach(engine, name)
-        drafter = getattr(config, "drafter", None) or "none"  # EngineConfig gains `drafter` with speculative decoding
-        log.info("serving %s on %s (drafter: %s) at http://%s:%d", name, config.device, drafter, host, port)
+        log.info("serving %s on %s (drafter: %s, gamma: %d) at http://%s:%d",
+                 name, config.device, config.spec.drafter, config.spec.gamma, host, port)
         await serving
     finally:
         if not serving.done():  # loading failed: stop listening before the error propagates
