@@ -1,0 +1,189 @@
+"""Speculative decoding is lossless: greedy output equals plain decoding, sampled output has the same distribution."""
+
+from __future__ import annotations
+
+import math
+import os
+import sysconfig
+from collections import Counter
+
+import pytest
+import torch
+
+from specattn.engine.acceptance import accept_sampled
+from specattn.engine.config import SpecConfig
+from specattn.engine.runner import SequenceInput
+from specattn.engine.sampling import SamplingParams, probabilities
+from tests.test_engine import GREEDY, PROMPTS, PLAIN, _run_staggered
+
+# A tiny budget (k_min 6 of 10-25 prompt tokens) so drafts really miss context and get rejected sometimes.
+SPARSE = dict(gamma=4, adaptive=False, budget_ratio=0.1, min_budget=6)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm_files):
+    return [smollm_files.tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(make_engine, prompt_ids):
+    plain = make_engine(spec=PLAIN)
+    return [plain.generate([ids], GREEDY)[0] for ids in prompt_ids]
+
+
+def _check_acceptance_is_partial(engine):
+    rate = engine.stats().spec.acceptance_rate
+    assert 0 < rate < 1, f"acceptance {rate}: drafts must be sparse enough to be rejected sometimes"
+
+
+@pytest.mark.parametrize("drafter", ["streaming", "specattn"])
+def test_greedy_staggered_batch_equals_plain(make_engine, prompt_ids, plain_outputs, drafter):
+    engine = make_engine(spec=SpecConfig(drafter=drafter, **SPARSE))
+    assert _run_staggered(engine, prompt_ids) == plain_outputs
+    _check_acceptance_is_partial(engine)
+    assert engine.kv_usage == 0
+
+
+@pytest.mark.parametrize("drafter", ["streaming", "specattn"])
+def test_greedy_with_preemption_equals_plain(make_engine, prompt_ids, plain_outputs, drafter):
+    engine = make_engine(num_pages=28, page_size=4, max_num_batched_tokens=64, spec=SpecConfig(drafter=drafter, **SPARSE))
+    preempted = []
+    original = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda req: (preempted.append(req.request_id), original(req))
+    assert _run_staggered(engine, prompt_ids) == plain_outputs
+    assert preempted
+    assert engine.kv_usage == 0
+
+
+def test_cancel_mid_run_leaves_others_exact(make_engine, prompt_ids, plain_outputs):
+    engine = make_engine(spec=SpecConfig(drafter="specattn", **SPARSE))
+    for i, ids in enumerate(prompt_ids):
+        engine.add_request(f"r{i}", ids, GREEDY)
+    results = {f"r{i}": [] for i in range(len(prompt_ids))}
+    for step in range(200):
+        if step == 3:
+            assert engine.abort_request("r4").finish_reason == "abort"
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            results[out.request_id].extend(out.new_token_ids)
+    for i in range(len(prompt_ids)):
+        if i != 4:
+            assert results[f"r{i}"] == plain_outputs[i]
+    assert engine.kv_usage == 0
+
+
+def test_adaptive_gamma_stays_lossless(make_engine, prompt_ids, plain_outputs):
+    engine = make_engine(spec=SpecConfig(drafter="specattn", gamma=4, adaptive=True, budget_ratio=0.1, min_budget=6))
+    assert engine.generate(prompt_ids, GREEDY) == plain_outputs
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+def _chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square (Wilson–Hilferty); z = 3.09 is the standard normal's 0.999 quantile."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi_square(counts: Counter, probs: dict, n: int) -> tuple[float, int]:
+    """Statistic and degrees of freedom, pooling outcomes expected fewer than 5 times."""
+    stat, pooled_obs, pooled_exp, bins = 0.0, 0, 0.0, 0
+    for outcome, p in probs.items():
+        exp = p * n
+        if exp >= 5:
+            stat += (counts[outcome] - exp) ** 2 / exp
+            bins += 1
+        else:
+            pooled_obs += counts[outcome]
+            pooled_exp += exp
+    pooled_obs += sum(c for o, c in counts.items() if o not in probs)
+    if pooled_exp >= 5:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        bins += 1
+    else:
+        assert pooled_obs <= max(5, 3 * pooled_exp), "outcomes outside the target's support"
+    return stat, bins - 1
+
+
+def test_rejection_sampling_reproduces_the_target_distribution():
+    """Synthetic: 3 draft positions over 6 tokens with draft q far from target p; the output must follow p."""
+    g = torch.Generator().manual_seed(0)
+    vocab, gamma, n = 6, 3, 20000
+    target_logits = torch.randn(gamma + 1, vocab, generator=g) * 2
+    draft_logits = torch.randn(gamma, vocab, generator=g) * 2
+    params = SamplingParams(temperature=1.0, max_tokens=4)
+    p = probabilities(target_logits, params)
+    q = probabilities(draft_logits, params)
+    firsts, seconds = Counter(), Counter()
+    for _ in range(n):
+        draft = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(gamma)]
+        out = accept_sampled(draft, q, target_logits, params, g)
+        firsts[out[0]] += 1
+        if len(out) > 1:  # the second token exists when the first draft was accepted: it follows p[1] too
+            seconds[out[1]] += 1
+    for counts, dist in ((firsts, p[0]), (seconds, p[1])):
+        total = sum(counts.values())
+        stat, df = _chi_square(counts, {t: float(dist[t]) for t in range(vocab)}, total)
+        assert stat < _chi_square_critical(df), (stat, df)
+    # and a wrong rule (always accept the draft) is caught by the same test
+    stat, df = _chi_square(Counter(int(torch.multinomial(q[0], 1, generator=g)) for _ in range(n)),
+                           {t: float(p[0, t]) for t in range(vocab)}, n)
+    assert stat > _chi_square_critical(df)
+
+
+@pytest.mark.slow
+def test_sampled_generation_matches_plain_distribution(make_engine, smollm_files):
+    """End to end on the embedded model: the distribution of 3 sampled tokens (top-k 3) under speculation
+    equals the exact distribution plain sampling has, computed from the model's own logits (27 outcomes)."""
+    tok = smollm_files.tokenizer
+    prompt = tok.encode("My favourite colour is")
+    params = dict(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)
+    engine = make_engine(max_num_seqs=128, spec=SpecConfig(drafter="specattn", gamma=2, adaptive=False, min_budget=2, budget_ratio=0.1))
+
+    exact: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(3):  # extend every prefix by the model's top-3 distribution
+        nxt = {}
+        for prefix, pr in exact.items():
+            ids = prompt + list(prefix)
+            pages: list[int] = []
+            engine.cache.allocator.grow(pages, len(ids))
+            logits = engine.runner.run([SequenceInput(ids, 0, pages, 1)]).logits[0][-1]
+            engine.cache.allocator.release(pages)
+            probs = probabilities(logits, SamplingParams(**params))
+            for t in torch.nonzero(probs).flatten().tolist():
+                nxt[prefix + (t,)] = pr * float(probs[t])
+        exact = nxt
+
+    n = 640
+    for i in range(n):
+        engine.add_request(f"s{i}", prompt, SamplingParams(seed=i, **params))
+    seqs: dict[str, list[int]] = {f"s{i}": [] for i in range(n)}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seqs[out.request_id].extend(out.new_token_ids)
+    counts = Counter(tuple(s) for s in seqs.values())
+    stat, df = _chi_square(counts, exact, n)
+    assert stat < _chi_square_critical(df), (stat, df)
+    assert engine.stats().spec.num_draft_tokens > 0 and engine.stats().spec.acceptance_rate < 1
+
+
+# --- the long-document comparison ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_specattn_accepts_at_least_as_much_as_streaming_on_a_long_document(make_engine, smollm_files):
+    tok = smollm_files.tokenizer
+    doc = open(os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt"), encoding="utf-8").read()
+    prompt = tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": "Summarize this document.\n\n" + doc}]),
+        add_special_tokens=False,
+    )
+    assert len(prompt) >= 2048
+    rates, outputs = {}, {}
+    for drafter in ("streaming", "specattn"):
+        engine = make_engine(spec=SpecConfig(drafter=drafter, gamma=4, adaptive=False, budget_ratio=0.05, min_budget=256))
+        outputs[drafter] = engine.generate([prompt], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))[0]
+        rates[drafter] = engine.stats().spec.acceptance_rate
+    assert outputs["specattn"] == outputs["streaming"]
+    assert rates["specattn"] >= rates["streaming"], rates
