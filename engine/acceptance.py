@@ -7,9 +7,11 @@ import torch
 from .sampling import SamplingParams, probabilities
 
 
-def accept_greedy(draft: list[int], target_logits: torch.Tensor) -> list[int]:
-    """The longest prefix of the draft that greedy decoding would produce, then the target's next token."""
-    target = target_logits.argmax(dim=-1).tolist()
+def accept_greedy(draft: list[int], target: list[int]) -> list[int]:
+    """The longest prefix of the draft that greedy decoding would produce, then the target's next token.
+
+    target[i] is the verification's argmax after the committed token and draft[:i].
+    """
     n = 0
     while n < len(draft) and draft[n] == target[n]:
         n += 1

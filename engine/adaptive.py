@@ -11,6 +11,7 @@ first; speculation is re-probed now and then so a change in the text's predictab
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 _EMA = 0.2  # weight of a new timing sample
@@ -38,6 +39,7 @@ class GammaController:
         self._costs: dict[int, _Costs] = {}
         self._steps = 0
         self.last_gamma = 0
+        self.histogram: Counter[int] = Counter()  # decode steps per chosen gamma
 
     def acceptance(self) -> list[float]:
         """Estimated conditional acceptance of each draft position."""
@@ -54,6 +56,7 @@ class GammaController:
         self._steps += 1
         gamma = self._choose(batch_size) if self.adaptive else self.max_gamma
         self.last_gamma = gamma
+        self.histogram[gamma] += 1
         return gamma
 
     def _choose(self, batch_size: int) -> int:

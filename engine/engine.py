@@ -43,6 +43,7 @@ class Draft:
 class EngineStats:
     drafter: str
     last_gamma: int
+    gamma_histogram: dict[int, int]  # decode steps per chosen gamma
     spec: SpecStats
     num_running: int
     num_waiting: int
@@ -72,6 +73,12 @@ class LLMEngine:
     def max_context(self) -> int:
         return self.model_config.max_context
 
+    @property
+    def max_request_tokens(self) -> int:
+        """Most tokens (prompt + output) one request may reach: the context, or what the KV pool holds less lookahead."""
+        pool = self.cache.allocator.num_pages * self.cache.page_size
+        return min(self.max_context, pool - self.config.spec.max_gamma)
+
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError with a user-facing message if the request can never run."""
         if not prompt_ids:
@@ -85,10 +92,10 @@ class LLMEngine:
                 f"the prompt is {len(prompt_ids)} tokens but the model's context is {self.max_context} tokens "
                 "(including at least one generated token)"
             )
-        capacity = self.cache.allocator.num_pages * self.cache.page_size
-        needed = min(len(prompt_ids) + params.max_tokens, self.max_context) + self.config.spec.max_gamma
-        if needed > capacity:
-            raise ValueError(f"the request needs more KV cache than the whole pool holds ({capacity} tokens)")
+        if min(len(prompt_ids) + params.max_tokens, self.max_context) > self.max_request_tokens:
+            raise ValueError(
+                f"the request needs more KV cache than the whole pool holds ({self.max_request_tokens} tokens)"
+            )
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._trackers:
@@ -161,16 +168,16 @@ class LLMEngine:
             self.gamma_controller.record_verify_time(len(decodes), gamma, time.perf_counter() - t0)
 
         outputs = []
-        for i, (chunk, logits) in enumerate(zip(chunks, result.logits)):
+        for i, (chunk, logits, argmax) in enumerate(zip(chunks, result.logits, result.argmax)):
             req = chunk.request
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
                 continue
             draft = drafts.get(req.request_id)
             if draft is None:
-                tokens = [sample_token(logits[-1], req.params, req.generator)]
+                tokens = [argmax[-1] if req.params.greedy else sample_token(logits[-1], req.params, req.generator)]
             elif req.params.greedy:
-                tokens = accept_greedy(draft.tokens, logits)
+                tokens = accept_greedy(draft.tokens, argmax)
             else:
                 tokens = accept_sampled(draft.tokens, draft.probs, logits, req.params, req.generator)
             if draft is not None:
@@ -197,11 +204,11 @@ class LLMEngine:
                 req, pos = c.request, c.start + j
                 last = drafts[req.request_id].tokens[-1] if j else req.all_ids[-1]
                 seqs.append(SequenceInput([last], pos, req.page_table, 1, kv_positions=req.draft.attended_positions(pos)))
-            logits = self.runner.run(seqs).logits
-            for c, row in zip(chunks, logits):
+            result = self.runner.run(seqs)
+            for c, row, argmax in zip(chunks, result.logits, result.argmax):
                 req, draft = c.request, drafts[c.request.request_id]
                 if req.params.greedy:
-                    draft.tokens.append(int(row[-1].argmax()))
+                    draft.tokens.append(argmax[-1])
                     continue
                 q = probabilities(row[-1], req.params)
                 draft.tokens.append(int(torch.multinomial(q, 1, generator=req.generator)))
@@ -213,6 +220,7 @@ class LLMEngine:
         return EngineStats(
             drafter=self.config.spec.drafter,
             last_gamma=self.gamma_controller.last_gamma,
+            gamma_histogram=dict(self.gamma_controller.histogram),
             spec=copy.deepcopy(self.spec_stats),
             num_running=self.num_running,
             num_waiting=self.num_waiting,

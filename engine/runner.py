@@ -24,6 +24,7 @@ class SequenceInput:
 @dataclass
 class StepResult:
     logits: list[torch.Tensor]  # per sequence: [num_logits, vocab]
+    argmax: list[list[int]]  # per sequence: the greedy token of each logits row (one device sync for all)
     scores: dict[int, torch.Tensor]  # sequence index → [layers, score_len], for sequences that asked
 
 
@@ -51,4 +52,7 @@ class ModelRunner:
             end += len(s.token_ids)
             rows.extend(range(end - s.num_logits, end))
         logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)])
-        return StepResult(list(logits.split([s.num_logits for s in seqs])), self.backend.take_scores())
+        sizes = [s.num_logits for s in seqs]
+        greedy = iter(logits.argmax(dim=-1).tolist())
+        argmax = [[next(greedy) for _ in range(n)] for n in sizes]
+        return StepResult(list(logits.split(sizes)), argmax, self.backend.take_scores())

@@ -37,7 +37,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below this, dividing logits by the temperature overflows float32; the result would be argmax anyway
+        return self.temperature < 1e-5
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A private random stream, so a seeded request samples the same tokens whatever runs beside it."""
@@ -58,6 +59,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the top token always stays)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop[..., 0] = False  # a top_p that rounds to 0 in float32 must still leave one token
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)

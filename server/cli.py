@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
-from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from specattn.engine.config import DRAFTERS, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 from specattn.engine.gguf_loader import ModelLoadError
 from specattn.engine.sampling import SamplingParams
 
@@ -18,6 +19,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    p.add_argument("--drafter", choices=DRAFTERS, default=SpecConfig.drafter, help="none = plain decoding")
+    p.add_argument("--gamma", type=int, default=SpecConfig.gamma, help="draft tokens per step (the maximum when adaptive)")
+    p.add_argument("--no-adaptive", dest="adaptive", action="store_false", help="always draft --gamma tokens")
+    p.add_argument("--budget-ratio", type=float, default=SpecConfig.budget_ratio, help="r: drafts keep ceil(r * context) positions")
+    p.add_argument("--min-budget", type=int, default=SpecConfig.min_budget, help="k_min: ... but at least this many")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -29,6 +35,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         device=device,
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        spec=SpecConfig(
+            drafter=args.drafter, gamma=args.gamma, adaptive=args.adaptive,
+            budget_ratio=args.budget_ratio, min_budget=args.min_budget,
+        ),
     )
 
 
@@ -41,13 +51,17 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    prompt_ids = tok.encode(text)
+    prompt_ids = tok.encode(text, add_special_tokens=not args.chat)
     engine.add_request("cli", prompt_ids, params)
     while engine.has_unfinished_requests():
         for out in engine.step():
             sys.stdout.write(out.new_text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.stats:
+        stats = engine.stats()
+        print(json.dumps({"drafter": stats.drafter, "gamma_histogram": stats.gamma_histogram, **stats.spec.as_dict()}),
+              file=sys.stderr)
     return 0
 
 
@@ -100,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stats", action="store_true", help="print speculation stats (JSON) to stderr")
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     _add_engine_args(srv)
     _add_serve_args(srv)

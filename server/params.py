@@ -62,40 +62,11 @@ def _max_tokens(requested: int | None, param: str, prompt_ids: list[int], engine
 
 
 def _default_max_tokens(prompt_ids: list[int], engine: LLMEngine) -> int:
-    """What is left of the context, or less where the KV pool could not hold that much at once.
-
-    The engine's own check decides what fits (it reserves room for speculation too), so this asks it,
-    by bisection over its cheap arithmetic, rather than repeating its rules here.
-    """
-    left = engine.max_context - len(prompt_ids)
+    """What is left of the context, or less where the KV pool could not hold that much at once."""
+    left = engine.max_request_tokens - len(prompt_ids)
     if left < 1:
         raise APIError(400, f"the prompt has {len(prompt_ids)} tokens and leaves no room to generate", param="prompt")
-
-    def fits(n: int) -> bool:
-        try:
-            engine.check_request(prompt_ids, SamplingParams(max_tokens=n))
-        except ValueError:
-            return False
-        return True
-
-    if fits(left) or not fits(1):
-        return left  # not fitting even one token: build_jobs' own check reports why
-    lo, hi = 1, left  # fits(lo), not fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-# Tiny temperatures and top_p values that the engine's float32 arithmetic turns into inf or 0 (and a
-# NaN distribution, failing the whole batch). Both mean "the most likely token" anyway, so they are
-# mapped to values that say the same thing safely.
-_GREEDY_BELOW = 1e-5
-_MIN_TOP_P = 1e-6
-
-
-def _effective_temperature(t: float) -> float:
-    return 0.0 if t < _GREEDY_BELOW else t
+    return left
 
 
 def build_jobs(
@@ -112,8 +83,8 @@ def build_jobs(
             try:
                 params = SamplingParams(
                     max_tokens=limit,
-                    temperature=_effective_temperature(req.temperature),
-                    top_p=max(req.top_p, _MIN_TOP_P),
+                    temperature=req.temperature,
+                    top_p=req.top_p,
                     top_k=req.top_k,
                     seed=None if req.seed is None else req.seed + i,  # distinct yet reproducible choices
                     stop=stop,

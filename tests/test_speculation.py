@@ -187,3 +187,22 @@ def test_specattn_accepts_at_least_as_much_as_streaming_on_a_long_document(make_
         rates[drafter] = engine.stats().spec.acceptance_rate
     assert outputs["specattn"] == outputs["streaming"]
     assert rates["specattn"] >= rates["streaming"], rates
+
+
+def test_cli_speculates_and_reports_stats():
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import CAPITAL_QUESTION
+
+    out = subprocess.run(
+        [sys.executable, "-m", "specattn.server.cli", "generate", "--chat", "--prompt", CAPITAL_QUESTION, "--device", "cpu",
+         "--drafter", "specattn", "--gamma", "3", "--no-adaptive", "--stats"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "The capital of France is Paris."
+    stats = json.loads(out.stderr.strip().splitlines()[-1])
+    assert stats["drafter"] == "specattn" and stats["num_draft_tokens"] == 3 * stats["num_drafts"] > 0
+    assert stats["num_accepted_tokens"] == sum(stats["accepted_per_position"])

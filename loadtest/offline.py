@@ -1,0 +1,209 @@
+"""Offline engine benchmark: one workload under several decoding variants in one process, side by side.
+
+    python -m specattn.loadtest.offline --workload summarize --contexts 4096 --batches 1,16 \
+        --variants none,streaming,specattn,adaptive,hf --max-tokens 256 --out results/bench
+
+A variant is `none`, `hf` (transformers generate), or `streaming` / `specattn` with optional
+`:g<gamma>`, `:r<budget ratio>`, `:k<min budget>` and `:adaptive`; `adaptive` alone is
+`specattn:adaptive`. Greedy decoding throughout, so every variant must produce the tokens `none` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from specattn.engine.engine import LLMEngine
+from specattn.engine.loader import ModelFiles, load_model_files
+from specattn.engine.sampling import SamplingParams
+
+from .documents import load_documents
+
+STORY_TOPICS = ["a lighthouse keeper", "a city under the sea", "the first robot gardener", "a dragon who cannot fly",
+                "two rival chess clubs", "a journey across a desert", "a library that never closes", "a lost letter"]
+
+
+@dataclass
+class Result:
+    variant: str
+    context: int
+    batch: int
+    requests: int
+    output_tokens: int
+    seconds: float
+    tokens_per_s: float
+    acceptance_rate: float | None = None
+    mean_acceptance_length: float | None = None
+    accepted_per_position: list[float] = field(default_factory=list)
+    gamma_histogram: dict[int, int] = field(default_factory=dict)
+    matches_none: bool | None = None
+
+
+def parse_variant(name: str, defaults: SpecConfig) -> SpecConfig | None:
+    """SpecConfig of a variant name; None for `hf`."""
+    if name == "hf":
+        return None
+    parts = name.split(":")
+    drafter = "specattn" if parts[0] == "adaptive" else parts[0]
+    kw = dict(drafter=drafter, gamma=defaults.gamma, adaptive=parts[0] == "adaptive",
+              budget_ratio=defaults.budget_ratio, min_budget=defaults.min_budget)
+    for p in parts[1:]:
+        if p == "adaptive":
+            kw["adaptive"] = True
+        elif p[:1] == "g":
+            kw["gamma"] = int(p[1:])
+        elif p[:1] == "r":
+            kw["budget_ratio"] = float(p[1:])
+        elif p[:1] == "k":
+            kw["min_budget"] = int(p[1:])
+        else:
+            raise ValueError(f"bad variant part {p!r} in {name!r}")
+    return SpecConfig(**kw)
+
+
+def build_prompts(files: ModelFiles, workload: str, docs: list[str], context: int, count: int, max_tokens: int) -> list[list[int]]:
+    tok = files.tokenizer
+    prompts = []
+    for i in range(count):
+        if workload == "summarize":
+            doc_ids = tok.encode(docs[i % len(docs)], add_special_tokens=False)[: context - max_tokens - 64]
+            text = "Summarize the following document.\n\n" + tok.decode(doc_ids)
+        else:
+            text = f"Write a long, detailed story about {STORY_TOPICS[i % len(STORY_TOPICS)]}."
+        prompts.append(tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False))
+    return prompts
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, progress: tqdm) -> tuple[list[list[int]], float]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+    outputs: dict[str, list[int]] = {f"b{i}": [] for i in range(len(prompts))}
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+            progress.update(len(out.new_token_ids))
+    if engine.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return [outputs[f"b{i}"] for i in range(len(prompts))], time.perf_counter() - start
+
+
+def benchmark(args: argparse.Namespace) -> list[Result]:
+    files = load_model_files(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    docs = load_documents(args.docs) if args.workload == "summarize" else []
+    defaults = SpecConfig(gamma=args.gamma, budget_ratio=args.budget_ratio, min_budget=args.min_budget)
+    results = []
+    for context in args.contexts:
+        for batch in args.batches:
+            prompts = build_prompts(files, args.workload, docs, context, max(batch, args.min_requests), args.max_tokens)
+            reference = None
+            for name in args.variants:
+                spec = parse_variant(name, defaults)
+                total = len(prompts) * args.max_tokens
+                with tqdm(total=total, desc=f"ctx {context} batch {batch} {name}", unit="tok", leave=False) as bar:
+                    if spec is None:
+                        results.append(run_hf(files, prompts, args, device, context, batch))
+                        continue
+                    pages = -(-(context + args.max_tokens + 32) // 16) * batch + 64
+                    engine = LLMEngine(
+                        EngineConfig(device=device, spec=spec, cache=CacheConfig(num_pages=pages),
+                                     scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=args.prefill_chunk)),
+                        files,
+                    )
+                    run_engine(engine, prompts[:1], 4, tqdm(disable=True))  # warm-up: allocator, kernels, caches
+                    engine = LLMEngine(engine.config, files)
+                    outputs, seconds = run_engine(engine, prompts, args.max_tokens, bar)
+                stats = engine.stats()
+                produced = sum(len(o) for o in outputs)
+                reference = outputs if name == "none" else reference
+                results.append(Result(
+                    variant=name, context=context, batch=batch, requests=len(prompts), output_tokens=produced,
+                    seconds=round(seconds, 3), tokens_per_s=round(produced / seconds, 1),
+                    acceptance_rate=round(stats.spec.acceptance_rate, 4) if stats.spec.num_drafts else None,
+                    mean_acceptance_length=round(stats.spec.mean_acceptance_length, 3) if stats.spec.num_drafts else None,
+                    accepted_per_position=[round(a / stats.spec.num_drafts, 3) for a in stats.spec.accepted_per_position],
+                    gamma_histogram=stats.gamma_histogram,
+                    matches_none=None if reference is None or name == "none" else outputs == reference,
+                ))
+                del engine
+    return results
+
+
+def run_hf(files: ModelFiles, prompts, args, device: str, context: int, batch: int) -> Result:
+    from .hf_baseline import build_hf_model, hf_generate_tokens_per_s
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = build_hf_model(files, device, dtype)
+    pad = next(iter(files.tokenizer.eos_token_ids))
+    hf_generate_tokens_per_s(model, prompts[:1], 2, 1, pad)  # warm-up
+    start = time.perf_counter()
+    rate = hf_generate_tokens_per_s(model, prompts, args.max_tokens, batch, pad)
+    return Result("hf", context, batch, len(prompts), len(prompts) * args.max_tokens,
+                  round(time.perf_counter() - start, 3), round(rate, 1))
+
+
+def markdown_table(results: list[Result]) -> str:
+    rows = ["| context | batch | variant | tok/s | × none | accept rate | mean accept len | per-position accept | γ steps | = none |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | :---: |"]
+    base = {(r.context, r.batch): r.tokens_per_s for r in results if r.variant == "none"}
+    for r in results:
+        speedup = f"{r.tokens_per_s / base[(r.context, r.batch)]:.2f}" if (r.context, r.batch) in base else ""
+        fmt = lambda x: "" if x is None else f"{x:.3f}"
+        same = "" if r.matches_none is None else ("yes" if r.matches_none else "**NO**")
+        rows.append(
+            f"| {r.context} | {r.batch} | {r.variant} | {r.tokens_per_s:.1f} | {speedup} | {fmt(r.acceptance_rate)} | "
+            f"{fmt(r.mean_acceptance_length)} | {' '.join(f'{a:.2f}' for a in r.accepted_per_position)} | "
+            f"{' '.join(f'{g}:{n}' for g, n in sorted(r.gamma_histogram.items()))} | {same} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="specattn-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--workload", choices=["summarize", "longgen"], default="summarize")
+    p.add_argument("--docs", nargs="*", help="text or HTML files (default: the Python documentation from python3-doc)")
+    p.add_argument("--contexts", type=ints, default=[4096], help="prompt lengths in tokens (summarize)")
+    p.add_argument("--batches", type=ints, default=[1])
+    p.add_argument("--min-requests", type=int, default=1, help="at least this many requests even at small batch")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--variants", type=lambda s: s.split(","), default=["none", "streaming", "specattn", "adaptive"])
+    p.add_argument("--gamma", type=int, default=SpecConfig.gamma)
+    p.add_argument("--budget-ratio", type=float, default=SpecConfig.budget_ratio)
+    p.add_argument("--min-budget", type=int, default=SpecConfig.min_budget)
+    p.add_argument("--prefill-chunk", type=int, default=8192)
+    p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    args = p.parse_args(argv)
+    if args.workload == "longgen":
+        args.contexts = [0]
+    results = benchmark(args)
+    table = markdown_table(results)
+    command = "python -m specattn.loadtest.offline " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and (args.device or "cuda") != "cpu" else platform.processor() or "cpu"
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        header = f"Command: `{command}`\n\nDevice: {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+        out.with_suffix(".md").write_text(header + table)
+        out.with_suffix(".json").write_text(json.dumps(
+            {"command": command, "device": device, "torch": torch.__version__, "results": [asdict(r) for r in results]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
