@@ -107,7 +107,7 @@ class LLMEngine:
             params=params,
             arrival=next(self._arrivals),
             max_total_tokens=self.max_context,
-            generator=params.make_generator(),
+            generator=params.make_generator(self.model.device),
         )
         self._trackers[request_id] = OutputTracker(req, self.tokenizer)
         self.scheduler.add(req)

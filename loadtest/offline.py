@@ -104,7 +104,15 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     docs = load_documents(args.docs) if args.workload == "summarize" else []
     defaults = SpecConfig(gamma=args.gamma, budget_ratio=args.budget_ratio, min_budget=args.min_budget)
-    results = []
+    results: list[Result] = []
+    try:
+        _sweep(args, files, device, docs, defaults, results)
+    except KeyboardInterrupt:  # `timeout -s INT` on a shared machine: keep what was measured
+        print(f"interrupted after {len(results)} results", file=sys.stderr)
+    return results
+
+
+def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: SpecConfig, results: list[Result]) -> None:
     for context in args.contexts:
         for batch in args.batches:
             prompts = build_prompts(files, args.workload, docs, context, max(batch, args.min_requests), args.max_tokens)
@@ -138,7 +146,6 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
                     matches_none=None if reference is None or name == "none" else outputs == reference,
                 ))
                 del engine
-    return results
 
 
 def run_hf(files: ModelFiles, prompts, args, device: str, context: int, batch: int) -> Result:
