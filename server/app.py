@@ -6,12 +6,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from specattn.engine.async_engine import AsyncEngine
 
 from .completions import chat_response, completion_response
 from .errors import error_response, install_error_handlers
+from .metrics import DEFAULT_WINDOW_S, MetricsMiddleware
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from .params import build_jobs, chat_prompt, completion_prompts
 from .protocol import (
@@ -44,9 +45,10 @@ def build_app(
     api_key: str | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics_window_s: float = DEFAULT_WINDOW_S,
 ) -> FastAPI:
     """The app. Without an engine it answers 503 until `app.state.server.attach(engine, name)` (model loading)."""
-    state = ServerState(max_queue)
+    state = ServerState(max_queue, metrics_window_s)
     if async_engine is not None:
         state.attach(async_engine, served_model_name or async_engine.engine.model_name)
     app = FastAPI(title="specattn", summary="OpenAI-compatible inference server", version="0.1.0")
@@ -56,7 +58,7 @@ def build_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    registry = CollectorRegistry()  # filled by the observability work; an empty exposition until then
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # outermost: counts the 401s and 413s too
 
     @app.get("/health", responses={503: _ERRORS[503]})
     async def health() -> Response:
@@ -66,7 +68,7 @@ def build_app(
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:

@@ -8,6 +8,7 @@ import logging
 from specattn.engine.async_engine import AsyncEngine
 
 from .errors import APIError
+from .metrics import DEFAULT_WINDOW_S, ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,19 @@ class Reservation:
 
 
 class ServerState:
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, metrics_window_s: float = DEFAULT_WINDOW_S):
         self.max_queue = max_queue
         self.engine: AsyncEngine | None = None
         self.model_name = ""
         self.waiting = 0  # choices admitted to the engine that have not produced a token yet
         self.in_flight: set[str] = set()  # engine request ids, so a shutdown can abort them
         self.draining = False
+        self.metrics = ServerMetrics(self, metrics_window_s)
 
     def attach(self, engine: AsyncEngine, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.metrics.attached()
 
     @property
     def ready(self) -> bool:

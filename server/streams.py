@@ -20,16 +20,20 @@ async def _pump(state: ServerState, job: Job, request_id: str, reservation: Rese
                 queue: asyncio.Queue[tuple[int, RequestOutput | Exception]]) -> None:
     assert state.engine is not None
     state.in_flight.add(request_id)
+    recorder = state.metrics.request_started()
     started = False
     try:
         async for out in state.engine.generate(job.prompt_ids, job.params, request_id=request_id):
             if not started:
                 started = True
                 reservation.release()
+            recorder.output(out)
             queue.put_nowait((job.index, out))
     except Exception as e:  # handed to the consumer, which decides how the client hears of it
+        recorder.failed()
         queue.put_nowait((job.index, e))
     finally:
+        recorder.close()  # a request cancelled before its last output counts as aborted
         if not started:
             reservation.release()
         state.in_flight.discard(request_id)
