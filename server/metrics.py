@@ -18,6 +18,7 @@ Names carry the prefix `specattn:`; counters end in `_total` on the wire; every 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -33,6 +34,8 @@ from specattn.engine.request import RequestOutput
 
 if TYPE_CHECKING:
     from .state import ServerState
+
+log = logging.getLogger(__name__)
 
 PREFIX = "specattn:"
 LABELS = ("model_name", "drafter")
@@ -106,6 +109,7 @@ class ServerMetrics:
         self.state = state
         self.registry = CollectorRegistry(auto_describe=True)
         self.window = _Window(window_s)
+        self._labels = ("", "")
         r = self.registry
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens of the requests that started generating.",
                                      LABELS, registry=r)
@@ -128,12 +132,18 @@ class ServerMetrics:
         r.register(_EngineCollector(self))
 
     def labels(self) -> tuple[str, str]:
-        engine = self.state.engine
-        return self.state.model_name, engine.engine.config.spec.drafter if engine is not None else ""
+        """(model_name, drafter) of the engine attached last; empty strings before that."""
+        return self._labels
 
     def attached(self) -> None:
-        """Create the series that should read 0 rather than be absent once the model is served."""
-        lv = self.labels()
+        """Note the labels and create the series that should read 0 rather than be absent once the model is served."""
+        engine = self.state.engine
+        try:
+            drafter = engine.engine.config.spec.drafter if engine is not None else ""
+        except Exception:  # attaching must not fail on metrics; a broken engine shows in its requests
+            log.exception("cannot read the drafter of the attached engine")
+            drafter = ""
+        self._labels = lv = (self.state.model_name, drafter)
         for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e):
             metric.labels(*lv)
         for reason in FINISH_REASONS:
