@@ -111,6 +111,8 @@ def soak(args: argparse.Namespace, command: str) -> dict:
     summary["command"] = command
     summary["soak"] = verdict
     text = soak_markdown(verdict) + "\n" + report.markdown(summary, "Admitted good requests").replace("# ", "## ", 1)
+    text += ("\nThe server's /metrics delta also counts the speculation of requests the client disconnected from "
+             "(and of none of the rejected ones); the responses' sum covers the admitted good requests only.\n")
     print(text)
     if args.out:
         out = Path(args.out)
