@@ -43,7 +43,8 @@ class SequenceAttention:
 @dataclass
 class _Group:
     token_index: torch.Tensor  # [B, Q] flat token index of each (sequence, query) cell; padding -> 0
-    query_valid: torch.Tensor  # [B, Q]
+    valid_cells: torch.Tensor  # [n] indices into the flattened [B * Q] cells that are real queries
+    valid_tokens: torch.Tensor  # [n] their flat token indices (integer indices: no device sync, unlike masks)
     kv_slots: torch.Tensor  # [1 or layers, B, K] cache slot of each attended entry
     mask: torch.Tensor  # [1 or layers, B, 1, Q, K] True = attend
     score_seqs: list[int]  # step-wide indices of the sequences whose scores this group extracts
@@ -106,7 +107,8 @@ class TorchAttentionBackend:
             self._groups.append(
                 _Group(
                     token_index=token_index.to(dev),
-                    query_valid=query_valid.to(dev),
+                    valid_cells=query_valid.flatten().nonzero().flatten().to(dev),
+                    valid_tokens=token_index[query_valid].to(dev),
                     kv_slots=kv_slots.to(dev),
                     mask=mask[:, :, None].to(dev),
                     score_seqs=[members[j] for j in scored],
@@ -139,7 +141,7 @@ class TorchAttentionBackend:
             kg = k_cache[slots].transpose(1, 2)  # [B, Hkv, K, d]
             vg = v_cache[slots].transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask[li], scale=self.scale, enable_gqa=True)
-            out[g.token_index[g.query_valid]] = o.transpose(1, 2)[g.query_valid]
+            out[g.valid_tokens] = o.transpose(1, 2).flatten(0, 1)[g.valid_cells]
             if g.score_seqs:
                 self._scores[gi].append(self._extract_scores(g, q, k_cache, slots, g.mask[li]))
         return out

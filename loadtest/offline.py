@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from specattn.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 from specattn.engine.engine import LLMEngine
 from specattn.engine.loader import ModelFiles, load_model_files
 from specattn.engine.sampling import SamplingParams
@@ -126,7 +126,7 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                         continue
                     pages = -(-(context + args.max_tokens + 32) // 16) * batch + 64
                     engine = LLMEngine(
-                        EngineConfig(device=device, spec=spec, cache=CacheConfig(num_pages=pages),
+                        EngineConfig(device=device, dtype=DTYPES[args.dtype], spec=spec, cache=CacheConfig(num_pages=pages),
                                      scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=args.prefill_chunk)),
                         files,
                     )
@@ -151,7 +151,7 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
 def run_hf(files: ModelFiles, prompts, args, device: str, context: int, batch: int) -> Result:
     from .hf_baseline import build_hf_model, hf_generate_tokens_per_s
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = DTYPES[args.dtype] or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = build_hf_model(files, device, dtype)
     pad = next(iter(files.tokenizer.eos_token_ids))
     hf_generate_tokens_per_s(model, prompts[:1], 2, 1, pad)  # warm-up
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--workload", choices=["summarize", "longgen"], default="summarize")
     p.add_argument("--docs", nargs="*", help="text or HTML files (default: the Python documentation from python3-doc)")
     p.add_argument("--contexts", type=ints, default=[4096], help="prompt lengths in tokens (summarize)")
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        header = f"Command: `{command}`\n\nDevice: {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+        header = (f"Command: `{command}`\n\nDevice: {device}, dtype {args.dtype}, torch {torch.__version__}, "
+                  f"{time.strftime('%Y-%m-%d')}\n\n")
         out.with_suffix(".md").write_text(header + table)
         out.with_suffix(".json").write_text(json.dumps(
             {"command": command, "device": device, "torch": torch.__version__, "results": [asdict(r) for r in results]}, indent=1))
