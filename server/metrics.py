@@ -13,7 +13,7 @@ Two sources, one per-app `CollectorRegistry` (no global state, so several apps c
   acceptance rate and generation tokens per second.
 
 Names carry the prefix `specattn:`; counters end in `_total` on the wire; every series has the labels
-`model_name` and `drafter`.
+`model_name` and `drafter`. The standard `process_*` metrics (memory, CPU, open files) come along.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -130,6 +130,7 @@ class ServerMetrics:
                              "Time from a request's admission to its last token.", LABELS, buckets=E2E_BUCKETS,
                              registry=r)
         r.register(_EngineCollector(self))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends, unprefixed as usual
 
     def labels(self) -> tuple[str, str]:
         """(model_name, drafter) of the engine attached last; empty strings before that."""

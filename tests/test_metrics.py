@@ -146,7 +146,8 @@ def test_exposition_has_design_metrics_with_labels(served):
     assert per_pos == {str(i) for i in range(GAMMA)}
     info = families["specattn:engine_info"].samples[0].labels
     assert (info["max_gamma"], info["adaptive"], info["device"]) == (str(GAMMA), "false", "cpu")
-    assert f"# TYPE specattn:spec_decode_num_drafts_total counter" in text  # `_total` on the wire
+    assert "# TYPE specattn:spec_decode_num_drafts_total counter" in text  # `_total` on the wire
+    assert families["process_resident_memory_bytes"].samples[0].value > 0  # soak tests watch it
 
 
 def test_counters_equal_engine_stats_and_usage(served):
