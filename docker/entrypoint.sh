@@ -10,6 +10,7 @@ set -- serve \
     ${SPECATTN_MODEL:+--model "$SPECATTN_MODEL"} \
     ${SPECATTN_SERVED_MODEL_NAME:+--served-model-name "$SPECATTN_SERVED_MODEL_NAME"} \
     ${SPECATTN_DEVICE:+--device "$SPECATTN_DEVICE"} \
+    ${SPECATTN_DTYPE:+--dtype "$SPECATTN_DTYPE"} \
     ${SPECATTN_NUM_PAGES:+--num-pages "$SPECATTN_NUM_PAGES"} \
     ${SPECATTN_PAGE_SIZE:+--page-size "$SPECATTN_PAGE_SIZE"} \
     ${SPECATTN_MAX_NUM_SEQS:+--max-num-seqs "$SPECATTN_MAX_NUM_SEQS"} \
