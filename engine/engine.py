@@ -137,6 +137,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: draft ×γ for decoding requests, then one verification/prefill forward, then accept."""
+        t0 = time.perf_counter()
         drafting = self.drafter is not None
         chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
         if not chunks:
@@ -145,12 +146,16 @@ class LLMEngine:
         gamma = self.gamma_controller.choose(len(decodes)) if decodes else 0
         drafts = self._draft(decodes, gamma) if gamma else {}
 
-        seqs = []
+        seqs, refreshes = [], []
         for c in chunks:
             req = c.request
             draft = drafts.get(req.request_id)
             tokens = req.all_ids[c.start : c.start + c.num_tokens] + (draft.tokens if draft else [])
-            scored = drafting and self.drafter.needs_scores and c.completes_sequence
+            # a new selection after prefill and after each speculative verification; plain (γ = 0)
+            # steps keep the old one, which stays valid because every later position counts as recent
+            refresh = drafting and c.completes_sequence and (draft is not None or c.request.draft is None)
+            scored = refresh and self.drafter.needs_scores
+            refreshes.append(refresh)
             seqs.append(
                 SequenceInput(
                     token_ids=tokens,
@@ -162,13 +167,10 @@ class LLMEngine:
                     score_len=c.start + c.num_tokens if scored else 0,
                 )
             )
-        t0 = time.perf_counter()
         result = self.runner.run(seqs)
-        if decodes and len(decodes) == len(chunks):  # only pure decode steps measure the verify cost
-            self.gamma_controller.record_verify_time(len(decodes), gamma, time.perf_counter() - t0)
 
         outputs = []
-        for i, (chunk, logits, argmax) in enumerate(zip(chunks, result.logits, result.argmax)):
+        for i, (chunk, logits, argmax, refresh) in enumerate(zip(chunks, result.logits, result.argmax, refreshes)):
             req = chunk.request
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
@@ -186,18 +188,18 @@ class LLMEngine:
                 self.spec_stats.record(gamma, accepted)
                 self.gamma_controller.record_acceptance(gamma, accepted)
                 req.num_computed += accepted  # accepted drafts' K/V came from the verification itself
-            if drafting:
-                anchor = chunk.start + chunk.num_tokens - 1
-                req.draft = self.drafter.select(anchor, result.scores.get(i))
+            if refresh:
+                req.draft = self.drafter.select(chunk.start + chunk.num_tokens - 1, result.scores.get(i))
             tracker = self._trackers[req.request_id]
             taken = tracker.commit(tokens)
             outputs.append(self._finish(tracker, tokens[:taken]) if req.finish_reason else self._output(tracker, tokens))
+        if decodes and len(decodes) == len(chunks):  # steps with prefill work say nothing about decode cost
+            self.gamma_controller.record_step_time(len(decodes), gamma, time.perf_counter() - t0)
         return outputs
 
     def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> dict[str, Draft]:
         """γ sequential sparse forwards for all decoding requests at once; each sees only its draft positions."""
         drafts = {c.request.request_id: Draft() for c in chunks}
-        t0 = time.perf_counter()
         for j in range(gamma):
             seqs = []
             for c in chunks:
@@ -213,7 +215,6 @@ class LLMEngine:
                 q = probabilities(row[-1], req.params)
                 draft.tokens.append(int(torch.multinomial(q, 1, generator=req.generator)))
                 draft.probs_rows.append(q)
-        self.gamma_controller.record_draft_time(len(chunks), (time.perf_counter() - t0) / gamma)
         return drafts
 
     def stats(self) -> EngineStats:
