@@ -1,0 +1,62 @@
+"""Profiles decode steps of the engine on CUDA (torch.profiler): where a step's time goes, per variant.
+
+Usage (GPU machine, after scripts/gpu_bench.sh has set up the package path):
+    python3 scripts/profile_step.py --batch 64 --context 8192 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from specattn.engine.engine import LLMEngine
+from specattn.engine.loader import load_model_files
+from specattn.engine.sampling import SamplingParams
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--out", default=".")
+    args = p.parse_args()
+    files = load_model_files(None)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (args.context - 64,), generator=g).tolist() for _ in range(args.batch)]
+    pages = args.batch * (args.context // 16 + 8)
+    report = []
+    for drafter, gamma in (("none", 0), ("specattn", 4)):
+        engine = LLMEngine(EngineConfig(device="cuda", spec=SpecConfig(drafter=drafter, gamma=max(gamma, 1), adaptive=False),
+                                        cache=CacheConfig(num_pages=pages),
+                                        scheduler=SchedulerConfig(max_num_seqs=args.batch, max_num_batched_tokens=16384)), files)
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+        while any(r.num_computed < len(r.prompt_ids) for r in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        for _ in range(2):
+            engine.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+        per_step = (time.perf_counter() - t0) / args.steps
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+        cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        report.append(f"## {drafter} gamma={gamma} batch={args.batch} context={args.context}: {per_step * 1000:.1f} ms/step "
+                      f"(profiled)\n\n```\n{table}\n```\n\nBy host time:\n\n```\n{cpu_table}\n```\n")
+        print(f"{drafter}: {per_step * 1000:.1f} ms/step")
+        del engine
+        torch.cuda.empty_cache()
+    Path(args.out, "profile.md").write_text("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
