@@ -16,9 +16,11 @@ def verification_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, sc
     q: [B, R, H, d] the scored query rows; k: [B, K, Hkv, d] the keys they attend to; mask: [B, R, K]
     True where row r attends key j (its causal span). Returns [B, K]; keys no row attends score 0.
     """
-    group = q.shape[2] // k.shape[2]
-    kk = k.repeat_interleave(group, dim=2).float()
-    logits = torch.einsum("brhd,bkhd->brhk", q.float(), kk) * scale
+    b, r, h, d = q.shape
+    kv_heads = k.shape[2]
+    # query heads grouped by the KV head they share (GQA), so K is never expanded or copied
+    grouped = q.reshape(b, r, kv_heads, h // kv_heads, d)
+    logits = torch.einsum("brkgd,bnkd->brkgn", grouped, k).float().reshape(b, r, h, -1) * scale
     logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
     weights = torch.exp(logits - torch.logsumexp(logits, dim=-1, keepdim=True))
     return weights.mean(dim=(1, 2))
