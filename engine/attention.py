@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specattn.kernels.reference import verification_scores
 
@@ -66,13 +63,6 @@ class TorchAttentionBackend:
     def __init__(self, cache: KVCache, scale: float):
         self.cache = cache
         self.scale = scale
-        # On CUDA, SDPA with a mask would pick cuDNN, which spent ~1.2 ms of host time per call on the
-        # H200 (docs/results/profile-h200-torch-backend-b64-8k.md); the memory-efficient kernel takes masks too.
-        self._sdpa_choice = (
-            (lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
-            if cache.k.is_cuda
-            else contextlib.nullcontext
-        )
         self._slot_mapping = torch.empty(0, dtype=torch.long)
         self._groups: list[_Group] = []
         self._scores: list[list[torch.Tensor]] = []  # per group, per layer: [S, K]
@@ -150,8 +140,7 @@ class TorchAttentionBackend:
             qg = q[g.token_index].transpose(1, 2)  # [B, H, Q, d]
             kg = k_cache[slots].transpose(1, 2)  # [B, Hkv, K, d]
             vg = v_cache[slots].transpose(1, 2)
-            with self._sdpa_choice():
-                o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask[li], scale=self.scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask[li], scale=self.scale, enable_gqa=True)
             out[g.valid_tokens] = o.transpose(1, 2).flatten(0, 1)[g.valid_cells]
             if g.score_seqs:
                 self._scores[gi].append(self._extract_scores(g, q, k_cache, slots, g.mask[li]))
