@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .config import ModelConfig, RopeScaling
+from .config import ModelConfig
 
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -60,7 +60,6 @@ def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
     names = {t.name for t in reader.tensors}
     num_heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    scaling = None
     if _field(reader, f"{arch}.rope.scaling.type") == "llama3" or "rope_freqs.weight" in names:
         raise ModelLoadError("GGUF Llama 3 RoPE scaling (rope_freqs) is not supported; load the HF directory instead")
     try:
@@ -79,7 +78,6 @@ def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
             qk_norm="blk.0.attn_q_norm.weight" in names,
-            rope_scaling=scaling,
         )
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
