@@ -142,7 +142,12 @@ class LLMEngine:
         chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
         if not chunks:
             return []
-        decodes = [c for c in chunks if c.num_tokens == 1 and c.completes_sequence and c.request.draft is not None]
+        # requests whose drafts would run past the context decode plainly this step (RoPE ends there)
+        room = self.max_context - self.config.spec.max_gamma
+        decodes = [
+            c for c in chunks
+            if c.num_tokens == 1 and c.completes_sequence and c.request.draft is not None and c.start < room
+        ]
         gamma = self.gamma_controller.choose(len(decodes)) if decodes else 0
         drafts = self._draft(decodes, gamma) if gamma else {}
 

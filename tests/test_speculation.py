@@ -206,3 +206,28 @@ def test_cli_speculates_and_reports_stats():
     stats = json.loads(out.stderr.strip().splitlines()[-1])
     assert stats["drafter"] == "specattn" and stats["num_draft_tokens"] == 3 * stats["num_drafts"] > 0
     assert stats["num_accepted_tokens"] == sum(stats["accepted_per_position"])
+
+
+def test_speculation_at_the_end_of_the_context(smollm_files, tmp_path):
+    """Drafts must never run past the model's context: a request that fills it ends with 'length', as plain does."""
+    from specattn.engine.config import CacheConfig, EngineConfig
+    from specattn.engine.engine import LLMEngine
+    from specattn.engine.loader import load_model_files
+    from tests.hf_dirs import write_tiny_random_dir
+
+    files = load_model_files(str(write_tiny_random_dir(tmp_path / "tiny", "llama", smollm_files.tokenizer)))
+    prompt = smollm_files.tokenizer.encode(PROMPTS[2] * 30)[:500]  # context is 512
+    assert len(prompt) == 500
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    outputs = {}
+    for drafter in ("none", "specattn"):
+        engine = LLMEngine(EngineConfig(cache=CacheConfig(num_pages=64), spec=SpecConfig(drafter=drafter, gamma=4, adaptive=False, min_budget=4)), files)
+        engine.add_request("r", prompt, params)
+        tokens, reason = [], None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens += out.new_token_ids
+                reason = out.finish_reason
+        outputs[drafter] = (tokens, reason)
+    assert outputs["specattn"] == outputs["none"]
+    assert len(outputs["none"][0]) == 12 and outputs["none"][1] == "length"
