@@ -6,11 +6,10 @@ import copy
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 
-from .acceptance import accept_greedy, accept_sampled
+from .acceptance import accept_drafts
 from .adaptive import GammaController
 from .attention import TorchAttentionBackend
 from .config import EngineConfig
@@ -20,23 +19,11 @@ from .model import DecoderModel
 from .drafters import make_drafter
 from .request import FinishReason, Request, RequestOutput, RequestStatus, SpecStats
 from .runner import ModelRunner, SequenceInput
-from .sampling import SamplingParams, probabilities, sample_token
+from .sampling import SamplingParams, choose_tokens
 from .scheduler import ScheduledChunk, Scheduler
 from .stopping import OutputTracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Draft:
-    """The tokens one request drafted this step and, when sampling, the distributions they came from."""
-
-    tokens: list[int] = field(default_factory=list)
-    probs_rows: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def probs(self) -> torch.Tensor:
-        return torch.stack(self.probs_rows)
 
 
 @dataclass
@@ -107,7 +94,7 @@ class LLMEngine:
             params=params,
             arrival=next(self._arrivals),
             max_total_tokens=self.max_context,
-            generator=params.make_generator(self.model.device),
+            seed=params.resolve_seed(),
         )
         self._trackers[request_id] = OutputTracker(req, self.tokenizer)
         self.scheduler.add(req)
@@ -155,7 +142,7 @@ class LLMEngine:
         for c in chunks:
             req = c.request
             draft = drafts.get(req.request_id)
-            tokens = req.all_ids[c.start : c.start + c.num_tokens] + (draft.tokens if draft else [])
+            tokens = req.all_ids[c.start : c.start + c.num_tokens] + (draft or [])
             # a new selection after prefill and after each speculative verification; plain (γ = 0)
             # steps keep the old one, which stays valid because every later position counts as recent
             refresh = drafting and c.completes_sequence and (draft is not None or c.request.draft is None)
@@ -175,18 +162,18 @@ class LLMEngine:
         result = self.runner.run(seqs)
 
         outputs = []
-        for i, (chunk, logits, argmax, refresh) in enumerate(zip(chunks, result.logits, result.argmax, refreshes)):
+        for i, (chunk, seq, logits, argmax, refresh) in enumerate(
+            zip(chunks, seqs, result.logits, result.argmax, refreshes)
+        ):
             req = chunk.request
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
                 continue
             draft = drafts.get(req.request_id)
-            if draft is None:
-                tokens = [argmax[-1] if req.params.greedy else sample_token(logits[-1], req.params, req.generator)]
-            elif req.params.greedy:
-                tokens = accept_greedy(draft.tokens, argmax)
-            else:
-                tokens = accept_sampled(draft.tokens, draft.probs, logits, req.params, req.generator)
+            # logits row j chooses the token right after token (len - num_logits + j) of this step's input
+            first = chunk.start + len(seq.token_ids) - seq.num_logits + 1
+            target = argmax if req.params.greedy else choose_tokens(logits, req.params, req.seed, first)
+            tokens = accept_drafts(draft, target) if draft is not None else [target[-1]]
             if draft is not None:
                 accepted = len(tokens) - 1
                 req.spec.record(gamma, accepted)
@@ -202,24 +189,21 @@ class LLMEngine:
             self.gamma_controller.record_step_time(len(decodes), gamma, time.perf_counter() - t0)
         return outputs
 
-    def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> dict[str, Draft]:
+    def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> dict[str, list[int]]:
         """γ sequential sparse forwards for all decoding requests at once; each sees only its draft positions."""
-        drafts = {c.request.request_id: Draft() for c in chunks}
+        drafts: dict[str, list[int]] = {c.request.request_id: [] for c in chunks}
         for j in range(gamma):
             seqs = []
             for c in chunks:
                 req, pos = c.request, c.start + j
-                last = drafts[req.request_id].tokens[-1] if j else req.all_ids[-1]
+                last = drafts[req.request_id][-1] if j else req.all_ids[-1]
                 seqs.append(SequenceInput([last], pos, req.page_table, 1, kv_positions=req.draft.attended_positions(pos)))
             result = self.runner.run(seqs)
-            for c, row, argmax in zip(chunks, result.logits, result.argmax):
-                req, draft = c.request, drafts[c.request.request_id]
-                if req.params.greedy:
-                    draft.tokens.append(argmax[-1])
-                    continue
-                q = probabilities(row[-1], req.params)
-                draft.tokens.append(int(torch.multinomial(q, 1, generator=req.generator)))
-                draft.probs_rows.append(q)
+            for c, logits, argmax in zip(chunks, result.logits, result.argmax):
+                req = c.request
+                # the same rule, and for sampling the same noise, the verification will use at this position
+                token = argmax[-1] if req.params.greedy else choose_tokens(logits, req.params, req.seed, c.start + j + 1)[-1]
+                drafts[req.request_id].append(token)
         return drafts
 
     def stats(self) -> EngineStats:

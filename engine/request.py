@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
 
 from .drafters import DraftState
 from .sampling import SamplingParams
@@ -70,7 +69,7 @@ class Request:
     params: SamplingParams
     arrival: int  # admission order; the youngest running request is preempted first
     max_total_tokens: int  # prompt + output may not exceed this (the context length)
-    generator: torch.Generator | None = None
+    seed: int = 0  # fixes the sampling noise of every position (unused when greedy)
     output_ids: list[int] = field(default_factory=list)
     page_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache

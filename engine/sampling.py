@@ -40,12 +40,9 @@ class SamplingParams:
         # below this, dividing logits by the temperature overflows float32; the result would be argmax anyway
         return self.temperature < 1e-5
 
-    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
-        """A private random stream, so a seeded request samples the same tokens whatever runs beside it."""
-        if self.greedy:
-            return None
-        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        return torch.Generator(device=device).manual_seed(seed)
+    def resolve_seed(self) -> int:
+        """The request's seed, or a random one: every sampled request draws from its own seeded noise."""
+        return self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -66,8 +63,25 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from a [vocab] logits row."""
+def _gumbel(seed: int, position: int, vocab: int, device: torch.device) -> torch.Tensor:
+    # one noise vector per (seed, position): fixed, whoever asks for it and in whatever batch
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + position) % (1 << 63))
+    u = torch.rand(vocab, generator=g, device=device).clamp_(min=1e-20)
+    return -torch.log(-torch.log(u))
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, seed: int, first_position: int) -> list[int]:
+    """The token each row of [n, vocab] logits chooses; row i chooses the token at first_position + i.
+
+    Greedy takes the argmax. Sampling uses the Gumbel-max trick, argmax(log p + G), with the noise G
+    fixed by (seed, position): that is an exact sample from p (after temperature, top-k, top-p), and
+    the same position chosen from the same logits always gives the same token, whatever the batch and
+    whether a draft or the verification chooses it. So speculation reproduces plain sampling token for
+    token, and a seeded request is reproducible under any batch and any draft length.
+    """
     if params.greedy:
-        return int(logits.argmax())
-    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+        return logits.argmax(dim=-1).tolist()
+    noise = torch.stack(
+        [_gumbel(seed, first_position + i, logits.shape[-1], logits.device) for i in range(logits.shape[0])]
+    )
+    return (probabilities(logits, params).log() + noise).argmax(dim=-1).tolist()

@@ -1,4 +1,5 @@
-"""Speculative decoding is lossless: greedy output equals plain decoding, sampled output has the same distribution."""
+"""Speculative decoding is lossless: greedy and seeded sampled output equal plain decoding token for token,
+and sampled output has the target distribution."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from collections import Counter
 import pytest
 import torch
 
-from specattn.engine.acceptance import accept_sampled
+from specattn.engine.acceptance import accept_drafts
 from specattn.engine.config import SpecConfig
 from specattn.engine.runner import SequenceInput
-from specattn.engine.sampling import SamplingParams, probabilities
+from specattn.engine.sampling import SamplingParams, choose_tokens, probabilities
 from tests.test_engine import GREEDY, PROMPTS, PLAIN, _run_staggered
 
 # A tiny budget (k_min 6 of 10-25 prompt tokens) so drafts really miss context and get rejected sometimes.
@@ -106,30 +107,51 @@ def _chi_square(counts: Counter, probs: dict, n: int) -> tuple[float, int]:
     return stat, bins - 1
 
 
-def test_rejection_sampling_reproduces_the_target_distribution():
-    """Synthetic: 3 draft positions over 6 tokens with draft q far from target p; the output must follow p."""
+def test_seeded_choice_is_an_exact_sample_of_the_target():
+    """Synthetic: over many seeds, the token chosen at a position follows p (top-k/top-p applied), whatever
+    the draft proposed; a rule that ignores the target (take the draft's choice) is caught by the same test."""
     g = torch.Generator().manual_seed(0)
-    vocab, gamma, n = 6, 3, 20000
-    target_logits = torch.randn(gamma + 1, vocab, generator=g) * 2
-    draft_logits = torch.randn(gamma, vocab, generator=g) * 2
-    params = SamplingParams(temperature=1.0, max_tokens=4)
-    p = probabilities(target_logits, params)
-    q = probabilities(draft_logits, params)
-    firsts, seconds = Counter(), Counter()
-    for _ in range(n):
-        draft = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(gamma)]
-        out = accept_sampled(draft, q, target_logits, params, g)
-        firsts[out[0]] += 1
-        if len(out) > 1:  # the second token exists when the first draft was accepted: it follows p[1] too
-            seconds[out[1]] += 1
-    for counts, dist in ((firsts, p[0]), (seconds, p[1])):
-        total = sum(counts.values())
-        stat, df = _chi_square(counts, {t: float(dist[t]) for t in range(vocab)}, total)
-        assert stat < _chi_square_critical(df), (stat, df)
-    # and a wrong rule (always accept the draft) is caught by the same test
-    stat, df = _chi_square(Counter(int(torch.multinomial(q[0], 1, generator=g)) for _ in range(n)),
-                           {t: float(p[0, t]) for t in range(vocab)}, n)
-    assert stat > _chi_square_critical(df)
+    vocab, n = 8, 6000
+    target_logits = torch.randn(1, vocab, generator=g) * 2
+    draft_logits = torch.randn(1, vocab, generator=g) * 2
+    params = SamplingParams(temperature=0.9, top_k=6, max_tokens=4)
+    p = probabilities(target_logits, params)[0]
+    committed, drafted = Counter(), Counter()
+    for seed in range(n):
+        draft = choose_tokens(draft_logits, params, seed, 17)
+        target = choose_tokens(target_logits, params, seed, 17)
+        committed[accept_drafts(draft, target + target)[0]] += 1
+        drafted[draft[0]] += 1
+    expected = {t: float(p[t]) for t in range(vocab) if p[t] > 0}
+    stat, df = _chi_square(committed, expected, n)
+    assert stat < _chi_square_critical(df), (stat, df)
+    assert set(committed) <= set(expected)  # top-k: never a token outside the top 6
+    total_variation = 0.5 * sum(abs(drafted[t] / n - float(p[t])) for t in range(vocab))
+    assert total_variation > 0.1
+
+
+def test_seeded_sampling_with_speculation_equals_plain_sampling(make_engine, prompt_ids):
+    """Same seeds, sampled at temperature 0.8 / top-p 0.95: speculation commits exactly plain sampling's tokens,
+    also when the requests are batched differently (so the seed, not the batch, decides)."""
+    params = [SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompt_ids))]
+    plain = make_engine(spec=PLAIN)
+    alone = []
+    for ids, prm in zip(prompt_ids, params):
+        plain.add_request("a", ids, prm)
+        out = []
+        while plain.has_unfinished_requests():
+            out += [t for o in plain.step() for t in o.new_token_ids]
+        alone.append(out)
+    spec = make_engine(spec=SpecConfig(drafter="specattn", **SPARSE))
+    for i, (ids, prm) in enumerate(zip(prompt_ids, params)):
+        spec.add_request(f"r{i}", ids, prm)
+    together = {f"r{i}": [] for i in range(len(prompt_ids))}
+    while spec.has_unfinished_requests():
+        for o in spec.step():
+            together[o.request_id] += o.new_token_ids
+    assert [together[f"r{i}"] for i in range(len(prompt_ids))] == alone
+    _check_acceptance_is_partial(spec)
 
 
 @pytest.mark.slow
