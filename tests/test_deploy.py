@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from .live_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -205,12 +205,6 @@ def image_command(instruction: str) -> list[str]:
     return [str(ROOT / a.removeprefix("/opt/specattn/")) if a.startswith("/opt/specattn/") else a for a in argv]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECATTN_")}
     # the image's venv is first on PATH; here it is this interpreter's
@@ -222,7 +216,7 @@ def test_entry_command_serves_with_the_image_arguments(tmp_path):
     entry, cmd = image_command("ENTRYPOINT"), image_command("CMD")
     health = image_command("HEALTHCHECK")
     health[0] = sys.executable if health[0] in ("python", "python3") else health[0]
-    port = _free_port()
+    port = free_port()
     # configuration by environment, as `docker run -e` gives it; only the listening address differs from the image
     env = _env(SPECATTN_HOST="127.0.0.1", SPECATTN_PORT=str(port), SPECATTN_DEVICE="cpu", SPECATTN_NUM_PAGES="128",
                SPECATTN_DRAFTER="streaming", SPECATTN_GAMMA="3", SPECATTN_ADAPTIVE="0",
@@ -267,7 +261,7 @@ def test_entry_command_passes_a_mounted_model_path(tmp_path):
     """SPECATTN_MODEL (a file under a mounted /models) reaches --model intact, spaces and all."""
     entry, cmd = image_command("ENTRYPOINT"), image_command("CMD")
     model = tmp_path / "models dir" / "missing.gguf"
-    env = _env(SPECATTN_HOST="127.0.0.1", SPECATTN_PORT=str(_free_port()), SPECATTN_DEVICE="cpu",
+    env = _env(SPECATTN_HOST="127.0.0.1", SPECATTN_PORT=str(free_port()), SPECATTN_DEVICE="cpu",
                SPECATTN_MODEL=str(model))
     r = subprocess.run([*entry, *cmd], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr

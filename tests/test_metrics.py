@@ -4,16 +4,11 @@ responses' usage, errors by status, aborts, and the windowed gauges (also on a f
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from specattn.engine.async_engine import AsyncEngine
@@ -21,6 +16,8 @@ from specattn.engine.config import CacheConfig, EngineConfig, SpecConfig
 from specattn.engine.engine import LLMEngine
 from specattn.server.app import build_app
 from specattn.server.metrics import _Window
+
+from .live_server import Live, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -52,31 +49,6 @@ DESIGN_METRICS = {
     "specattn:engine_info": "gauge",
 }
 
-
-@dataclass
-class Live:
-    url: str
-    app: FastAPI
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-def start_server(app: FastAPI) -> Live:
-    """uvicorn on a free loopback port, in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    return Live(f"http://127.0.0.1:{sock.getsockname()[1]}", app, server, thread)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

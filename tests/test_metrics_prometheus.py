@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from specattn.engine.engine import LLMEngine
 from specattn.server.app import build_app
 
 from .test_metrics import CONFIG, MODEL, Live, start_server, wait_idle
+from .live_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +54,6 @@ def find_prometheus() -> str:
     if os.environ.get("CI"):
         pytest.fail(reason or "prometheus not found after installing it")
     pytest.skip(reason or "prometheus not found after installing it")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:
@@ -103,7 +97,7 @@ def prometheus(served, tmp_path_factory) -> Iterator[Prometheus]:
     assert "specattn:8000" in compose_config
     config.write_text(compose_config.replace("specattn:8000", live.url.removeprefix("http://"))
                       .replace("scrape_interval: 5s", f"scrape_interval: {SCRAPE_INTERVAL_S}s"))
-    port = _free_port()
+    port = free_port()
     log = tmp / "prometheus.log"
     proc = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 
 from specattn.engine.async_engine import AsyncEngine
@@ -28,37 +23,13 @@ from specattn.engine.sampling import SamplingParams
 from specattn.server.app import build_app
 
 from .conftest import CAPITAL_QUESTION
+from .live_server import Live, start_server
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 API_KEY = "sk-test-0123456789"
 CONFIG = EngineConfig(device="cpu", cache=CacheConfig(num_pages=256))
-
-
-@dataclass
-class Live:
-    url: str
-    app: FastAPI
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-def _start(app: FastAPI) -> Live:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held from here on so nothing can take it
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    return Live(f"http://127.0.0.1:{sock.getsockname()[1]}", app, server, thread)
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +47,14 @@ def reference(smollm_files) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def open_server(async_engine) -> Iterator[Live]:
-    live = _start(build_app(async_engine))
+    live = start_server(build_app(async_engine))
     yield live
     live.stop()
 
 
 @pytest.fixture(scope="module")
 def strict_server(async_engine) -> Iterator[Live]:
-    live = _start(build_app(async_engine, "strict-model", api_key=API_KEY, max_queue=2, max_body_bytes=4096))
+    live = start_server(build_app(async_engine, "strict-model", api_key=API_KEY, max_queue=2, max_body_bytes=4096))
     yield live
     live.stop()
 
@@ -330,7 +301,7 @@ class _BrokenEngine:
 
 
 def test_loading_503_then_500_without_traceback_then_ready(async_engine):
-    live = _start(build_app())  # no engine yet, as while `specattn serve` loads the model
+    live = start_server(build_app())  # no engine yet, as while `specattn serve` loads the model
     try:
         assert httpx.get(f"{live.url}/health").status_code == 503
         r = httpx.post(f"{live.url}/v1/completions", json={"model": MODEL, "prompt": "Hi"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,16 +12,11 @@ import time
 
 import httpx
 import pytest
+from .live_server import free_port
 
 pytestmark = pytest.mark.slow
 
 GRACE_S = 3.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stream(url: str, body: dict, first_chunk: threading.Event, result: dict) -> None:
@@ -43,7 +37,7 @@ def _stream(url: str, body: dict, first_chunk: threading.Event, result: dict) ->
 
 
 def test_sigterm_drains_then_aborts_and_exits_zero(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
