@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
@@ -32,6 +33,8 @@ from .protocol import (
 )
 from .state import Reservation, ServerState
 from .streams import run_jobs, until_disconnected
+
+T = TypeVar("T")
 
 
 def sum_spec(stats: list[SpecStats]) -> dict | None:
@@ -118,24 +121,32 @@ def _stream(events: AsyncIterator[str], reservation: Reservation) -> StreamingRe
                              background=BackgroundTask(reservation.close))
 
 
-async def completion_response(request: Request, state: ServerState, jobs: list[Job], response_id: str,
-                              stream: bool, include_usage: bool) -> Response | CompletionResponse:
+async def _respond(request: Request, state: ServerState, jobs: list[Job], response_id: str, stream: bool,
+                   events: Callable[[Reservation], AsyncIterator[str]], build: Callable[[Tally], T]) -> Response | T:
+    """Admit the jobs, then either stream `events` or collect every choice and `build` one response."""
     reservation = state.admit(len(jobs))
     if stream:
-        return _stream(_completion_events(state, jobs, response_id, reservation, include_usage), reservation)
+        return _stream(events(reservation), reservation)
     try:
         tally = await until_disconnected(request, _collect(state, jobs, response_id, reservation))
     finally:
         reservation.close()
-    if tally is None:
-        return _client_gone()
-    return CompletionResponse(
-        id=response_id,
-        model=state.model_name,
-        choices=[CompletionChoice(index=j.index, text=tally.texts.get(j.index, ""), finish_reason=tally.finish[j.index])
-                 for j in jobs],
-        usage=tally.usage(),
-        spec_decode=sum_spec(tally.spec),
+    return _client_gone() if tally is None else build(tally)
+
+
+async def completion_response(request: Request, state: ServerState, jobs: list[Job], response_id: str,
+                              stream: bool, include_usage: bool) -> Response | CompletionResponse:
+    return await _respond(
+        request, state, jobs, response_id, stream,
+        lambda reservation: _completion_events(state, jobs, response_id, reservation, include_usage),
+        lambda tally: CompletionResponse(
+            id=response_id,
+            model=state.model_name,
+            choices=[CompletionChoice(index=j.index, text=tally.texts.get(j.index, ""),
+                                      finish_reason=tally.finish[j.index]) for j in jobs],
+            usage=tally.usage(),
+            spec_decode=sum_spec(tally.spec),
+        ),
     )
 
 
@@ -162,22 +173,17 @@ async def _completion_events(state: ServerState, jobs: list[Job], response_id: s
 
 async def chat_response(request: Request, state: ServerState, jobs: list[Job], response_id: str,
                         stream: bool, include_usage: bool) -> Response | ChatCompletionResponse:
-    reservation = state.admit(len(jobs))
-    if stream:
-        return _stream(_chat_events(state, jobs, response_id, reservation, include_usage), reservation)
-    try:
-        tally = await until_disconnected(request, _collect(state, jobs, response_id, reservation))
-    finally:
-        reservation.close()
-    if tally is None:
-        return _client_gone()
-    return ChatCompletionResponse(
-        id=response_id,
-        model=state.model_name,
-        choices=[ChatChoice(index=j.index, message=AssistantMessage(content=tally.texts.get(j.index, "")),
-                            finish_reason=tally.finish[j.index]) for j in jobs],
-        usage=tally.usage(),
-        spec_decode=sum_spec(tally.spec),
+    return await _respond(
+        request, state, jobs, response_id, stream,
+        lambda reservation: _chat_events(state, jobs, response_id, reservation, include_usage),
+        lambda tally: ChatCompletionResponse(
+            id=response_id,
+            model=state.model_name,
+            choices=[ChatChoice(index=j.index, message=AssistantMessage(content=tally.texts.get(j.index, "")),
+                                finish_reason=tally.finish[j.index]) for j in jobs],
+            usage=tally.usage(),
+            spec_decode=sum_spec(tally.spec),
+        ),
     )
 
 
