@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import logging
 import time
 from dataclasses import dataclass
 
@@ -22,8 +21,6 @@ from .runner import ModelRunner, SequenceInput
 from .sampling import SamplingParams, choose_tokens
 from .scheduler import ScheduledChunk, Scheduler
 from .stopping import OutputTracker
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
