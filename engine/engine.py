@@ -32,6 +32,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_usage: float
+    num_preemptions: int
 
 
 class LLMEngine:
@@ -212,6 +213,7 @@ class LLMEngine:
             num_running=self.num_running,
             num_waiting=self.num_waiting,
             kv_usage=self.kv_usage,
+            num_preemptions=self.scheduler.num_preemptions,
         )
 
     def _output(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:

@@ -75,7 +75,6 @@ class Request:
     num_computed: int = 0  # tokens whose K/V are in the cache
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
-    num_preemptions: int = 0
     spec: SpecStats = field(default_factory=SpecStats)
     draft: DraftState | None = None  # what the next drafts attend to; set by each verification
 

@@ -30,6 +30,7 @@ class Scheduler:
         self.allocator = allocator
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -82,5 +83,5 @@ class Scheduler:
         req.num_computed = 0
         req.draft = None
         req.status = RequestStatus.WAITING
-        req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)

@@ -244,6 +244,8 @@ class _EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting in the engine's queue for KV pages or a batch slot.",
                     stats.num_waiting)
         yield gauge("kv_cache_usage_ratio", "Fraction of KV-cache pages in use (0 to 1).", stats.kv_usage)
+        yield counter("num_preemptions", "Requests preempted for KV pages (recomputed on resume).",
+                      stats.num_preemptions)
         s = stats.spec
         yield counter("spec_decode_num_drafts", "Verifications that checked at least one draft token.", s.num_drafts)
         yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.", s.num_draft_tokens)

@@ -32,6 +32,7 @@ DESIGN_METRICS = {
     "specattn:num_requests_running": "gauge",
     "specattn:num_requests_waiting": "gauge",
     "specattn:kv_cache_usage_ratio": "gauge",
+    "specattn:num_preemptions_total": "counter",
     "specattn:prompt_tokens_total": "counter",
     "specattn:generation_tokens_total": "counter",
     "specattn:request_success_total": "counter",
