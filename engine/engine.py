@@ -140,7 +140,7 @@ class LLMEngine:
         for c in chunks:
             req = c.request
             draft = drafts.get(req.request_id)
-            tokens = req.all_ids[c.start : c.start + c.num_tokens] + (draft or [])
+            tokens = req.token_slice(c.start, c.start + c.num_tokens) + (draft or [])
             # a new selection after prefill and after each speculative verification; plain (γ = 0)
             # steps keep the old one, which stays valid because every later position counts as recent
             refresh = drafting and c.completes_sequence and (draft is not None or c.request.draft is None)
@@ -194,7 +194,7 @@ class LLMEngine:
             seqs = []
             for c in chunks:
                 req, pos = c.request, c.start + j
-                last = drafts[req.request_id][-1] if j else req.all_ids[-1]
+                last = drafts[req.request_id][-1] if j else req.token_slice(pos, pos + 1)[0]
                 seqs.append(SequenceInput([last], pos, req.page_table, 1, kv_positions=req.draft.attended_positions(pos)))
             result = self.runner.run(seqs)
             for c, logits, argmax in zip(chunks, result.logits, result.argmax):

@@ -78,9 +78,10 @@ class Request:
     spec: SpecStats = field(default_factory=SpecStats)
     draft: DraftState | None = None  # what the next drafts attend to; set by each verification
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence (a per-step hot path)."""
+        p = len(self.prompt_ids)
+        return self.prompt_ids[start:min(end, p)] + self.output_ids[max(start - p, 0) : max(end - p, 0)]
 
     @property
     def num_tokens(self) -> int:

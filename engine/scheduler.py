@@ -12,7 +12,7 @@ from .request import Request, RequestStatus
 
 @dataclass
 class ScheduledChunk:
-    """Compute request.all_ids[start : start + num_tokens] this step (a prefill chunk or the next decode)."""
+    """Compute tokens [start, start + num_tokens) of the request's prompt + output this step (a prefill chunk or the next decode)."""
 
     request: Request
     start: int
