@@ -1,14 +1,15 @@
 """The torch attention backend over the paged KV cache: the reference every GPU kernel is tested against.
 
 Like FlashInfer, it splits work into plan() (once per step: slots, gather indices, masks) and the
-per-layer call (write this step's K/V, gather, attend). Every kind of step is the same computation:
-queries at known positions attend to a set of cache positions, causally by position. Full attention
-uses every position of the sequence; sparse drafts give their own set per layer.
+per-layer call (write this step's K/V, gather, attend). Full attention: queries at known positions
+attend to every earlier position of their sequence, causally. Sparse drafts: one query attends to
+exactly the cache slots it is given, per layer (all of them precede it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +24,26 @@ _SHORT_QUERY = 16
 
 
 @dataclass
+class SparseKV:
+    """What a draft query attends to: per layer its selection's cache slots, plus the slots of recent positions."""
+
+    selected: torch.Tensor  # [layers, k] cache slots, on the cache's device
+    recent: list[int]  # slots of every position after the selection's anchor, up to and including the query
+
+    def slots(self) -> torch.Tensor:
+        """[layers, k + recent] every slot each layer attends."""
+        recent = torch.tensor(self.recent, dtype=self.selected.dtype, device=self.selected.device)
+        return torch.cat([self.selected, recent.expand(self.selected.shape[0], -1)], dim=1)
+
+
+@dataclass
 class SequenceAttention:
     """One sequence's share of a step: num_query new tokens at positions start_pos.., then attention."""
 
     num_query: int
     start_pos: int
     page_table: list[int]
-    # Sparse attention: [layers, k] cache positions each layer attends to (-1 pads); None = all positions.
-    kv_positions: torch.Tensor | None = None
+    sparse: SparseKV | None = None  # a draft (one query); None = full causal attention
     # Score extraction (full attention only): these query rows' attention weights over positions [0, score_len).
     score_rows: tuple[int, ...] = ()
     score_len: int = 0
@@ -38,6 +51,15 @@ class SequenceAttention:
     @property
     def end_pos(self) -> int:
         return self.start_pos + self.num_query
+
+
+@dataclass
+class ScoreBatch:
+    """Attention scores a verification extracted: per layer, per scored sequence, per position."""
+
+    seqs: list[int]  # step-wide indices of the scored sequences, in step order
+    scores: torch.Tensor  # [layers, len(seqs), N]; -1 past each sequence's length
+    lengths: list[int]
 
 
 @dataclass
@@ -52,6 +74,22 @@ class _Group:
     score_rows: torch.Tensor  # [S, 2] query index of the two scored rows (one row is given twice)
 
 
+class AttentionBackend(Protocol):
+    """What the runner and model need from an attention implementation (torch reference or FlashInfer)."""
+
+    def plan(self, seqs: list[SequenceAttention]) -> None:
+        """Prepare one forward over these sequences (host work, once per step)."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this layer's new K/V into the cache and return the attention output."""
+
+    def take_scores(self) -> ScoreBatch | None:
+        """Scores the last forward extracted, for the sequences that asked."""
+
+    def slots_of(self, seqs: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of positions [layers, len(seqs), k] of the last plan's sequences."""
+
+
 def _slots(page_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
     """Cache slot of each position (positions < 0 map to slot 0, callers mask them)."""
     pos = positions.clamp(min=0)
@@ -64,6 +102,7 @@ class TorchAttentionBackend:
         self.cache = cache
         self.scale = scale
         self._slot_mapping = torch.empty(0, dtype=torch.long)
+        self._tables = torch.empty(0, 0, dtype=torch.long)
         self._groups: list[_Group] = []
         self._scores: list[list[torch.Tensor]] = []  # per group, per layer: [S, K]
         self._score_lens: dict[int, int] = {}
@@ -77,11 +116,13 @@ class TorchAttentionBackend:
         positions = torch.cat([torch.arange(s.start_pos, s.end_pos) for s in seqs])
         owner = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([s.num_query for s in seqs]))
         tables = self._page_tables(seqs)
+        self._tables = tables.to(dev)
         self._slot_mapping = _slots(tables[owner], positions[:, None], ps)[:, 0].to(dev)
 
         buckets: dict[tuple[bool, bool], list[int]] = {}
         for i, s in enumerate(seqs):
-            buckets.setdefault((s.kv_positions is not None, s.num_query > _SHORT_QUERY), []).append(i)
+            assert s.sparse is None or s.num_query == 1, "a sparse (draft) sequence has one query"
+            buckets.setdefault((s.sparse is not None, s.num_query > _SHORT_QUERY), []).append(i)
         self._groups = []
         for (sparse, _), members in buckets.items():
             q_len = max(seqs[i].num_query for i in members)
@@ -89,19 +130,19 @@ class TorchAttentionBackend:
             n_q = torch.tensor([seqs[i].num_query for i in members])
             query_valid = q_off[None, :] < n_q[:, None]
             token_index = torch.where(query_valid, torch.tensor([starts[i] for i in members])[:, None] + q_off, 0)
-            q_pos = torch.tensor([seqs[i].start_pos for i in members])[:, None] + q_off  # [B, Q]
             if sparse:
-                kv_pos = self._pad_stack([seqs[i].kv_positions for i in members])  # [L, B, K]
+                kv_slots, kv_valid = self._pad_stack([seqs[i].sparse.slots().cpu() for i in members])  # [L, B, K]
+                mask = kv_valid[:, :, None, :]
             else:
+                q_pos = torch.tensor([seqs[i].start_pos for i in members])[:, None] + q_off  # [B, Q]
                 k_len = max(seqs[i].end_pos for i in members)
                 ends = torch.tensor([seqs[i].end_pos for i in members])
                 ar = torch.arange(k_len)
                 kv_pos = torch.where(ar[None, :] < ends[:, None], ar, -1)[None]  # [1, B, K]
-            kv_valid = kv_pos >= 0
-            causal = kv_pos[:, :, None, :] <= q_pos[None, :, :, None]  # [L, B, Q, K]
-            # Padded query rows attend to any valid entry so softmax never sees an all-masked row.
-            mask = kv_valid[:, :, None, :] & (causal | ~query_valid[None, :, :, None])
-            kv_slots = _slots(tables[members][None].expand(kv_pos.shape[0], -1, -1), kv_pos, ps)
+                causal = kv_pos[:, :, None, :] <= q_pos[None, :, :, None]  # [1, B, Q, K]
+                # Padded query rows attend to any valid entry so softmax never sees an all-masked row.
+                mask = (kv_pos >= 0)[:, :, None, :] & (causal | ~query_valid[None, :, :, None])
+                kv_slots = _slots(tables[members][None], kv_pos, ps)
             scored = [j for j, i in enumerate(members) if seqs[i].score_rows and not sparse]
             rows = [(seqs[members[j]].score_rows * 2)[:2] for j in scored]
             self._groups.append(
@@ -125,9 +166,12 @@ class TorchAttentionBackend:
         return torch.tensor([s.page_table + [0] * (width - len(s.page_table)) for s in seqs], dtype=torch.long)
 
     @staticmethod
-    def _pad_stack(kv_positions: list[torch.Tensor]) -> torch.Tensor:
-        width = max(p.shape[1] for p in kv_positions)
-        return torch.stack([F.pad(p.cpu().long(), (0, width - p.shape[1]), value=-1) for p in kv_positions], dim=1)
+    def _pad_stack(slots: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[L, B, K] slots (0-padded) and which entries are real."""
+        width = max(p.shape[1] for p in slots)
+        valid = torch.arange(width)[None, :] < torch.tensor([p.shape[1] for p in slots])[:, None]
+        stacked = torch.stack([F.pad(p.long(), (0, width - p.shape[1])) for p in slots], dim=1)
+        return stacked, valid[None].expand(stacked.shape[0], -1, -1)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
@@ -152,13 +196,25 @@ class TorchAttentionBackend:
         rows_mask = mask[m, 0][torch.arange(len(m), device=m.device)[:, None], r]  # [S, 2, K]
         return verification_scores(rows_q, k_cache[slots[m]], rows_mask, self.scale)
 
-    def take_scores(self) -> dict[int, torch.Tensor]:
-        """Scores of the last forward: step-wide sequence index → [layers, score_len]."""
-        result = {}
+    def take_scores(self) -> ScoreBatch | None:
+        """Scores of the last forward, for the sequences that asked; None if none did."""
+        per_seq: dict[int, torch.Tensor] = {}
         for g, per_layer in zip(self._groups, self._scores):
-            if not per_layer:
-                continue
-            stacked = torch.stack(per_layer)  # [L, S, K]
-            for j, i in enumerate(g.score_seqs):
-                result[i] = stacked[:, j, : self._score_lens[i]]
-        return result
+            if per_layer:
+                stacked = torch.stack(per_layer)  # [L, S, K]
+                for j, i in enumerate(g.score_seqs):
+                    per_seq[i] = stacked[:, j, : self._score_lens[i]]
+        if not per_seq:
+            return None
+        seqs = sorted(per_seq)
+        lengths = [self._score_lens[i] for i in seqs]
+        width = max(lengths)
+        scores = torch.stack([F.pad(per_seq[i], (0, width - per_seq[i].shape[1]), value=-1.0) for i in seqs], dim=1)
+        return ScoreBatch(seqs, scores, lengths)
+
+    def slots_of(self, seqs: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of positions [layers, len(seqs), k] of the last plan's sequences (positions past a table clamp)."""
+        tables = self._tables[torch.tensor(seqs, device=self._tables.device)]
+        ps = self.cache.page_size
+        pos = positions.clamp(max=tables.shape[1] * ps - 1)
+        return _slots(tables[None].expand(pos.shape[0], -1, -1), pos, ps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -112,17 +113,32 @@ class SpecConfig:
         return 0 if self.drafter == "none" else self.gamma
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    attention: str = "auto"  # auto: FlashInfer on CUDA in 16-bit dtypes when installed, else the torch reference
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
 
     @property
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype is not None:
             return self.dtype
         return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+
+    @property
+    def resolved_attention(self) -> str:
+        if self.attention != "auto":
+            return self.attention
+        on_gpu = self.device.startswith("cuda") and self.resolved_dtype in (torch.float16, torch.bfloat16)
+        return "flashinfer" if on_gpu and importlib.util.find_spec("flashinfer") is not None else "torch"

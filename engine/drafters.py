@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specattn.kernels.reference import select_critical_tokens, token_budget
+from specattn.kernels.reference import token_budget
+from specattn.kernels.selection import select_critical_tokens_batched
 
+from .attention import ScoreBatch, SparseKV
 from .config import SpecConfig
 
 
@@ -17,12 +19,20 @@ class DraftState:
     """A request's draft context: the scored span [0, anchor] reduced to `selected`, plus all later positions."""
 
     anchor: int  # first query position of the last verification (after prefill: the last prompt position)
-    selected: torch.Tensor  # [layers, k] positions ≤ anchor
+    selected: torch.Tensor  # [layers, k] cache slots of the selected positions (≤ anchor)
 
-    def attended_positions(self, query_pos: int) -> torch.Tensor:
-        """[layers, k + recent] positions a draft query at query_pos attends: the selection and every recent one."""
-        recent = torch.arange(self.anchor + 1, query_pos + 1)
-        return torch.cat([self.selected, recent.expand(self.selected.shape[0], -1)], dim=1)
+    def attended(self, query_pos: int, page_table: list[int], page_size: int) -> SparseKV:
+        """What a draft query at query_pos attends: the selection and every position after the anchor."""
+        recent = [page_table[p // page_size] * page_size + p % page_size for p in range(self.anchor + 1, query_pos + 1)]
+        return SparseKV(self.selected, recent)
+
+
+@dataclass
+class Selection:
+    """New draft contexts for a batch of sequences: row j of `positions` holds sequence j's budgets[j] positions first."""
+
+    positions: torch.Tensor  # [layers, S, max(budgets)]
+    budgets: list[int]
 
 
 class Drafter(ABC):
@@ -37,8 +47,8 @@ class Drafter(ABC):
         return token_budget(length, self.config.budget_ratio, self.config.min_budget)
 
     @abstractmethod
-    def select(self, anchor: int, scores: torch.Tensor | None) -> DraftState:
-        """The draft state after a verification (or prefill) whose first scored row sits at `anchor`."""
+    def select(self, anchors: list[int], scores: ScoreBatch | None, device: torch.device) -> Selection:
+        """The positions each sequence's drafts keep after a verification (or prefill) whose first scored row sits at its anchor."""
 
 
 class StreamingDrafter(Drafter):
@@ -47,12 +57,14 @@ class StreamingDrafter(Drafter):
     name = "streaming"
     needs_scores = False
 
-    def select(self, anchor: int, scores: torch.Tensor | None) -> DraftState:
-        length = anchor + 1
-        k = self.budget(length)
-        sink = min(self.config.sink_tokens, k)
-        positions = torch.cat([torch.arange(sink), torch.arange(length - (k - sink), length)])
-        return DraftState(anchor, positions.expand(self.num_layers, -1))
+    def select(self, anchors: list[int], scores: ScoreBatch | None, device: torch.device) -> Selection:
+        budgets = [self.budget(a + 1) for a in anchors]
+        rows = []
+        for anchor, k in zip(anchors, budgets):
+            sink = min(self.config.sink_tokens, k)
+            rows.append(list(range(sink)) + list(range(anchor + 1 - (k - sink), anchor + 1)) + [0] * (max(budgets) - k))
+        positions = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        return Selection(positions[None].expand(self.num_layers, -1, -1), budgets)
 
 
 class SpecAttnDrafter(Drafter):
@@ -61,9 +73,10 @@ class SpecAttnDrafter(Drafter):
     name = "specattn"
     needs_scores = True
 
-    def select(self, anchor: int, scores: torch.Tensor | None) -> DraftState:
-        assert scores is not None and scores.shape[1] == anchor + 1
-        return DraftState(anchor, select_critical_tokens(scores.cpu(), self.budget(anchor + 1)))
+    def select(self, anchors: list[int], scores: ScoreBatch | None, device: torch.device) -> Selection:
+        assert scores is not None and scores.lengths == [a + 1 for a in anchors]
+        budgets = [self.budget(n) for n in scores.lengths]
+        return Selection(select_critical_tokens_batched(scores.scores, budgets), budgets)
 
 
 def make_drafter(config: SpecConfig, num_layers: int) -> Drafter | None:

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 from .acceptance import accept_drafts
 from .adaptive import GammaController
-from .attention import TorchAttentionBackend
+from .attention import AttentionBackend, ScoreBatch, TorchAttentionBackend
 from .config import EngineConfig
 from .kv_cache import KVCache
 from .loader import ModelFiles, load_model_files
 from .model import DecoderModel
-from .drafters import make_drafter
+from .drafters import DraftState, make_drafter
 from .request import FinishReason, Request, RequestOutput, RequestStatus, SpecStats
 from .runner import ModelRunner, SequenceInput
 from .sampling import SamplingParams, choose_tokens
@@ -45,14 +45,21 @@ class LLMEngine:
         dtype = config.resolved_dtype
         self.model = DecoderModel(files.config, files.weights, dtype, config.device)
         self.cache = KVCache(files.config, config.cache, dtype, config.device)
-        backend = TorchAttentionBackend(self.cache, scale=files.config.head_dim**-0.5)
-        self.runner = ModelRunner(self.model, backend)
+        self.runner = ModelRunner(self.model, self._attention_backend())
         self.scheduler = Scheduler(config.scheduler, self.cache.allocator)
         self.drafter = make_drafter(config.spec, files.config.num_layers)
         self.gamma_controller = GammaController(config.spec.max_gamma, config.spec.adaptive)
         self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
         self._arrivals = itertools.count()
+
+    def _attention_backend(self) -> AttentionBackend:
+        scale = self.model_config.head_dim**-0.5
+        if self.config.resolved_attention == "flashinfer":
+            from .flashinfer_attention import FlashInferAttentionBackend
+
+            return FlashInferAttentionBackend(self.cache, scale, self.model_config.num_heads)
+        return TorchAttentionBackend(self.cache, scale)
 
     @property
     def max_context(self) -> int:
@@ -159,7 +166,7 @@ class LLMEngine:
             )
         result = self.runner.run(seqs)
 
-        outputs = []
+        outputs, refreshed = [], []
         for i, (chunk, seq, logits, argmax, refresh) in enumerate(
             zip(chunks, seqs, result.logits, result.argmax, refreshes)
         ):
@@ -179,13 +186,24 @@ class LLMEngine:
                 self.gamma_controller.record_acceptance(gamma, accepted)
                 req.num_computed += accepted  # accepted drafts' K/V came from the verification itself
             if refresh:
-                req.draft = self.drafter.select(chunk.start + chunk.num_tokens - 1, result.scores.get(i))
+                refreshed.append((i, req, chunk.start + chunk.num_tokens - 1))
             tracker = self._trackers[req.request_id]
             taken = tracker.commit(tokens)
             outputs.append(self._finish(tracker, tokens[:taken]) if req.finish_reason else self._output(tracker, tokens))
+        self._refresh_drafts(refreshed, result.scores)
         if decodes and len(decodes) == len(chunks):  # steps with prefill work say nothing about decode cost
             self.gamma_controller.record_step_time(len(decodes), gamma, time.perf_counter() - t0)
         return outputs
+
+    def _refresh_drafts(self, refreshed: list[tuple[int, Request, int]], scores: ScoreBatch | None) -> None:
+        """New draft contexts, all at once, for the requests that just verified or finished prefill: (step index, request, anchor)."""
+        if not refreshed:
+            return
+        selection = self.drafter.select([anchor for _, _, anchor in refreshed], scores, self.cache.k.device)
+        slots = self.runner.backend.slots_of([i for i, _, _ in refreshed], selection.positions)
+        for j, ((_, req, anchor), k) in enumerate(zip(refreshed, selection.budgets)):
+            if not req.finished:
+                req.draft = DraftState(anchor, slots[:, j, :k])
 
     def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> dict[str, list[int]]:
         """γ sequential sparse forwards for all decoding requests at once; each sees only its draft positions."""
@@ -195,7 +213,8 @@ class LLMEngine:
             for c in chunks:
                 req, pos = c.request, c.start + j
                 last = drafts[req.request_id][-1] if j else req.token_slice(pos, pos + 1)[0]
-                seqs.append(SequenceInput([last], pos, req.page_table, 1, kv_positions=req.draft.attended_positions(pos)))
+                sparse = req.draft.attended(pos, req.page_table, self.cache.page_size)
+                seqs.append(SequenceInput([last], pos, req.page_table, 1, sparse=sparse))
             result = self.runner.run(seqs)
             for c, logits, argmax in zip(chunks, result.logits, result.argmax):
                 req = c.request

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import SequenceAttention, TorchAttentionBackend
+from .attention import AttentionBackend, ScoreBatch, SequenceAttention, SparseKV
 from .model import DecoderModel
 
 
@@ -16,7 +16,7 @@ class SequenceInput:
     start_pos: int
     page_table: list[int]
     num_logits: int  # logits for this many trailing tokens (0 for a prefill chunk that is not the last)
-    kv_positions: torch.Tensor | None = None  # sparse attention: [layers, k] positions per layer
+    sparse: SparseKV | None = None  # a draft: the cache slots its one token attends to
     score_rows: tuple[int, ...] = ()  # rows (indices into token_ids) whose attention weights to return
     score_len: int = 0  # ... over cache positions [0, score_len)
 
@@ -25,11 +25,11 @@ class SequenceInput:
 class StepResult:
     logits: list[torch.Tensor]  # per sequence: [num_logits, vocab]
     argmax: list[list[int]]  # per sequence: the greedy token of each logits row (one device sync for all)
-    scores: dict[int, torch.Tensor]  # sequence index → [layers, score_len], for sequences that asked
+    scores: ScoreBatch | None  # attention scores of the sequences that asked
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, backend: TorchAttentionBackend):
+    def __init__(self, model: DecoderModel, backend: AttentionBackend):
         self.model = model
         self.backend = backend
 
@@ -38,7 +38,7 @@ class ModelRunner:
         self.backend.plan(
             [
                 SequenceAttention(
-                    len(s.token_ids), s.start_pos, s.page_table, s.kv_positions, s.score_rows, s.score_len
+                    len(s.token_ids), s.start_pos, s.page_table, s.sparse, s.score_rows, s.score_len
                 )
                 for s in seqs
             ]

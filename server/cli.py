@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from specattn.engine.config import DRAFTERS, DTYPES, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from specattn.engine.config import ATTENTION_BACKENDS, DRAFTERS, DTYPES, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 from specattn.engine.gguf_loader import ModelLoadError
 from specattn.engine.sampling import SamplingParams
 
@@ -16,6 +16,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or an HF model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                   help="auto: FlashInfer on CUDA (bf16/fp16) when installed, else the torch reference")
     p.add_argument("--num-pages", type=int, default=CacheConfig.num_pages, help="KV cache pages")
     p.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
@@ -35,6 +37,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         device=device,
         dtype=DTYPES[args.dtype],
+        attention=args.attention,
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         spec=SpecConfig(

@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter (set before any kernel module is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from specattn.engine.engine import LLMEngine

@@ -1,21 +1,23 @@
-"""The paged torch backend equals dense attention (SDPA over the gathered K/V) for every kind of step."""
+"""The paged attention backends equal dense attention (SDPA over the gathered K/V) for every kind of step."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from specattn.engine.attention import SequenceAttention, TorchAttentionBackend
+from specattn.engine.attention import SequenceAttention, SparseKV, TorchAttentionBackend
 from specattn.engine.config import CacheConfig, ModelConfig
 from specattn.engine.kv_cache import KVCache
 
 LAYERS, HEADS, KV_HEADS, DIM = 2, 6, 2, 16
 
 
-def _cache(page_size: int, num_pages: int = 256) -> KVCache:
-    mc = ModelConfig("llama", 10, HEADS * DIM, 8, LAYERS, HEADS, KV_HEADS, DIM, 1e4, 1e-5, 4096, True)
-    return KVCache(mc, CacheConfig(page_size=page_size, num_pages=num_pages), torch.float32, "cpu")
+def make_cache(page_size: int, dtype=torch.float32, device="cpu", num_pages: int = 1024, heads=HEADS, kv_heads=KV_HEADS, dim=DIM) -> KVCache:
+    mc = ModelConfig("llama", 10, heads * dim, 8, LAYERS, heads, kv_heads, dim, 1e4, 1e-5, 4096, True)
+    return KVCache(mc, CacheConfig(page_size=page_size, num_pages=num_pages), dtype, device)
 
 
 def _dense(q, k_all, v_all, q_pos, kv_pos):
@@ -23,48 +25,117 @@ def _dense(q, k_all, v_all, q_pos, kv_pos):
     mask = kv_pos[None, :] <= q_pos[:, None]
     return F.scaled_dot_product_attention(
         q.transpose(0, 1), k_all[kv_pos].transpose(0, 1), v_all[kv_pos].transpose(0, 1),
-        attn_mask=mask, scale=DIM**-0.5, enable_gqa=True,
+        attn_mask=mask, scale=q.shape[-1] ** -0.5, enable_gqa=True,
     ).transpose(0, 1)
+
+
+@dataclass
+class Scenario:
+    seqs: list[SequenceAttention]
+    dense_k: list[torch.Tensor]  # per sequence [layers, total, kv_heads, d]
+    dense_v: list[torch.Tensor]
+    new_q: list[torch.Tensor]  # per sequence [layers, num_query, heads, d]
+    kv_positions: list[torch.Tensor | None]  # sparse sequences: [layers, k] positions each layer attends
+
+
+def build_scenario(cache: KVCache, kinds, g: torch.Generator, heads: int = HEADS) -> Scenario:
+    """Sequences of the given kinds, (cached prefix, new queries[, "sparse"]), their prefixes written to scattered pages."""
+    ps = cache.page_size
+    layers, _, kv_heads, d = cache.k.shape
+    sc = Scenario([], [], [], [], [])
+    free_pages = torch.randperm(cache.allocator.num_pages, generator=g).tolist()  # scattered, not contiguous
+    for kind in kinds:
+        prefix, nq = kind[0], kind[1]
+        total = prefix + nq
+        pages = [free_pages.pop() for _ in range(-(-total // ps))]
+
+        def slot(p: int) -> int:
+            return pages[p // ps] * ps + p % ps
+
+        k = torch.randn(layers, total, kv_heads, d, generator=g).to(cache.k.dtype)
+        v = torch.randn(layers, total, kv_heads, d, generator=g).to(cache.k.dtype)
+        slots = torch.tensor([slot(p) for p in range(prefix)], dtype=torch.long)
+        cache.k[:, slots.to(cache.k.device)] = k[:, :prefix].to(cache.k.device)  # written by earlier steps
+        cache.v[:, slots.to(cache.k.device)] = v[:, :prefix].to(cache.k.device)
+        positions, sparse = None, None
+        if len(kind) == 3:  # each layer attends a different random subset of the prefix, plus the new token
+            chosen = torch.stack([torch.randperm(prefix, generator=g)[: prefix // 3] for _ in range(layers)])
+            positions = torch.cat([chosen, torch.arange(prefix, total).expand(layers, -1)], dim=1)
+            selected = chosen.clone().apply_(slot).to(device=cache.k.device, dtype=torch.int32)
+            sparse = SparseKV(selected, [slot(p) for p in range(prefix, total)])
+        sc.kv_positions.append(positions)
+        sc.seqs.append(SequenceAttention(nq, prefix, pages, sparse))
+        sc.dense_k.append(k)
+        sc.dense_v.append(v)
+        sc.new_q.append(torch.randn(layers, nq, heads, d, generator=g).to(cache.k.dtype))
+    return sc
+
+
+def run_and_compare(backend, sc: Scenario, atol: float, rtol: float) -> None:
+    """Plan, run every layer, and compare each sequence's output with dense attention in float32."""
+    dev = backend.cache.k.device
+    backend.plan(sc.seqs)
+    for layer in range(backend.cache.k.shape[0]):
+        q = torch.cat([x[layer] for x in sc.new_q]).to(dev)
+        k = torch.cat([x[layer, s.start_pos :] for x, s in zip(sc.dense_k, sc.seqs)]).to(dev)
+        v = torch.cat([x[layer, s.start_pos :] for x, s in zip(sc.dense_v, sc.seqs)]).to(dev)
+        out = backend(layer, q, k, v).float().cpu().split([s.num_query for s in sc.seqs])
+        for i, s in enumerate(sc.seqs):
+            q_pos = torch.arange(s.start_pos, s.end_pos)
+            kv_pos = torch.arange(s.end_pos) if sc.kv_positions[i] is None else sc.kv_positions[i][layer]
+            ref = _dense(sc.new_q[i][layer].float(), sc.dense_k[i][layer].float(), sc.dense_v[i][layer].float(), q_pos, kv_pos)
+            torch.testing.assert_close(out[i], ref, atol=atol, rtol=rtol)
+
+
+FULL_KINDS = [(0, 37), (29, 20), (50, 1), (17, 5)]  # fresh prefill, continued prefill chunk, decode, verify
+SPARSE_KINDS = [(40, 1, "sparse"), (33, 1, "sparse"), (300, 1, "sparse")]
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_paged_matches_dense_for_prefill_decode_verify_and_sparse(page_size, seed):
     g = torch.Generator().manual_seed(seed)
-    cache = _cache(page_size)
-    backend = TorchAttentionBackend(cache, DIM**-0.5)
-    # (cached prefix, new queries, sparse?): fresh prefill, continued prefill chunk, decode, verify, sparse draft
-    kinds = [(0, 37), (29, 20), (50, 1), (17, 5), (40, 1, "sparse"), (33, 3, "sparse")]
-    seqs, dense_k, dense_v, new_q, sparse_sets = [], [], [], [], []
-    free_pages = torch.randperm(cache.allocator.num_pages, generator=g).tolist()  # scattered, not contiguous
-    for kind in kinds:
-        prefix, nq = kind[0], kind[1]
-        total = prefix + nq
-        pages = [free_pages.pop() for _ in range(-(-total // page_size))]
-        k = torch.randn(LAYERS, total, KV_HEADS, DIM, generator=g)
-        v = torch.randn(LAYERS, total, KV_HEADS, DIM, generator=g)
-        for pos in range(prefix):  # the cached prefix was written by earlier steps
-            slot = pages[pos // page_size] * page_size + pos % page_size
-            cache.k[:, slot], cache.v[:, slot] = k[:, pos], v[:, pos]
-        kv_positions = None
-        if len(kind) == 3:  # each layer attends a different random subset of the prefix plus the new tokens
-            kv_positions = torch.stack(
-                [torch.cat([torch.randperm(prefix, generator=g)[: prefix // 3].sort().values, torch.arange(prefix, total)])
-                 for _ in range(LAYERS)]
-            )
-        sparse_sets.append(kv_positions)
-        seqs.append(SequenceAttention(nq, prefix, pages, kv_positions))
-        dense_k.append(k)
-        dense_v.append(v)
-        new_q.append(torch.randn(LAYERS, nq, HEADS, DIM, generator=g))
-    backend.plan(seqs)
-    for layer in range(LAYERS):
-        q = torch.cat([x[layer] for x in new_q])
-        k = torch.cat([x[layer, s.start_pos :] for x, s in zip(dense_k, seqs)])
-        v = torch.cat([x[layer, s.start_pos :] for x, s in zip(dense_v, seqs)])
-        out = backend(layer, q, k, v).split([s.num_query for s in seqs])
-        for i, s in enumerate(seqs):
-            q_pos = torch.arange(s.start_pos, s.end_pos)
-            kv_pos = torch.arange(s.end_pos) if sparse_sets[i] is None else sparse_sets[i][layer]
-            ref = _dense(new_q[i][layer], dense_k[i][layer], dense_v[i][layer], q_pos, kv_pos)
-            torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
+    cache = make_cache(page_size)
+    sc = build_scenario(cache, FULL_KINDS + SPARSE_KINDS, g)
+    run_and_compare(TorchAttentionBackend(cache, DIM**-0.5), sc, atol=1e-5, rtol=1e-5)
+
+
+def _gpu_cache(page_size: int = 16) -> KVCache:
+    """The default model's attention shape (9 query heads, 3 KV heads, head_dim 64) in bf16 on CUDA."""
+    return make_cache(page_size, torch.bfloat16, "cuda", num_pages=4096, heads=9, kv_heads=3, dim=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kinds",
+    [FULL_KINDS, [(50, 1), (3000, 1), (7, 1), (1, 1)], [(40, 1, "sparse"), (2000, 1, "sparse"), (700, 1, "sparse")]],
+    ids=["prefill-verify", "decode", "drafts"],
+)
+def test_gpu_flashinfer_matches_dense(kinds):
+    from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
+
+    cache = _gpu_cache()
+    sc = build_scenario(cache, kinds, torch.Generator().manual_seed(11), heads=9)
+    run_and_compare(FlashInferAttentionBackend(cache, 64**-0.5, 9), sc, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_flashinfer_scores_and_slots_equal_torch_backend():
+    """Verification through FlashInfer + the Triton kernel extracts the torch backend's scores, and maps positions to the same slots."""
+    from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
+
+    cache = _gpu_cache()
+    sc = build_scenario(cache, [(3000, 5), (40, 1), (600, 3), (0, 50)], torch.Generator().manual_seed(12), heads=9)
+    sc.seqs[0].score_rows, sc.seqs[0].score_len = (0, 4), 3001
+    sc.seqs[2].score_rows, sc.seqs[2].score_len = (0, 2), 601
+    sc.seqs[3].score_rows, sc.seqs[3].score_len = (49,), 50  # a prefill's last chunk scores one row
+    positions = torch.randint(0, 50, (LAYERS, 3, 20), device="cuda")
+    results = []
+    for backend in (TorchAttentionBackend(cache, 64**-0.5), FlashInferAttentionBackend(cache, 64**-0.5, 9)):
+        run_and_compare(backend, sc, atol=3e-2, rtol=3e-2)
+        scores = backend.take_scores()
+        results.append((scores, backend.slots_of(scores.seqs, positions).long()))
+    (ref, ref_slots), (got, got_slots) = results
+    assert got.seqs == ref.seqs == [0, 2, 3] and got.lengths == ref.lengths
+    torch.testing.assert_close(got.scores, ref.scores.float(), atol=2e-4, rtol=3e-2)
+    assert torch.equal(got_slots, ref_slots)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from specattn.engine.attention import SequenceAttention, TorchAttentionBackend
 from specattn.engine.config import CacheConfig, ModelConfig
 from specattn.engine.kv_cache import KVCache
 from specattn.kernels.reference import select_critical_tokens, token_budget, verification_scores
+from specattn.kernels.selection import select_critical_tokens_batched
 
 
 def _brute_force_scores(q_rows, k, row_pos, scale):
@@ -74,5 +78,94 @@ def test_backend_extracts_scores_while_verifying():
     scores = backend.take_scores()
     ref0 = _brute_force_scores(q[[0, 4]], dense_k[0], [30, 34], d**-0.5)[:31]
     ref1 = _brute_force_scores(q[[24]], dense_k[1], [19], d**-0.5)[:20]
-    torch.testing.assert_close(scores[0][0], ref0.float(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(scores[1][0], ref1.float(), atol=1e-6, rtol=1e-5)
+    assert scores.seqs == [0, 1] and scores.lengths == [31, 20]
+    torch.testing.assert_close(scores.scores[0, 0, :31], ref0.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(scores.scores[0, 1, :20], ref1.float(), atol=1e-6, rtol=1e-5)
+    assert (scores.scores[0, 1, 20:] == -1).all()  # padding ranks below every real weight
+
+
+def _score_problem(device: str, dtype: torch.dtype, seed: int, lengths: list[int], gammas: list[int], page_size: int = 16):
+    """Random paged K, queries and two scored rows per sequence; the reference scores and the base-2 LSE verification returns."""
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads, d = 9, 3, 64
+    spans = [n + gm for n, gm in zip(lengths, gammas)]  # the last row attends the drafts too
+    pages = [-(-n // page_size) for n in spans]
+    perm = torch.randperm(sum(pages) + 3, generator=g)
+    tables, start = [], 0
+    for n in pages:
+        tables.append(perm[start : start + n])
+        start += n
+    k_cache = torch.randn((sum(pages) + 3) * page_size, kv_heads, d, generator=g).to(dtype)
+    tokens = sum(gm + 1 for gm in gammas) + 2
+    q = torch.randn(tokens, heads, d, generator=g).to(dtype)
+    rows, row_pos, lse2, ref = [], [], torch.zeros(tokens, heads), []
+    first = 1
+    for n, gm, table in zip(lengths, gammas, tables):
+        rows.append([first, first + gm])
+        row_pos.append([n - 1, n - 1 + gm])
+        first += gm + 1
+        pos = torch.arange(n + gm)
+        k = k_cache[table[pos // page_size] * page_size + pos % page_size].float()
+        mask = pos[None, :] <= torch.tensor(row_pos[-1])[:, None]
+        rq = q[rows[-1]].float()
+        ref.append(verification_scores(rq[None], k[None], mask[None], d**-0.5)[0, :n])
+        logits = torch.einsum("rkgd,nkd->rkgn", rq.reshape(2, kv_heads, 3, d), k).reshape(2, heads, -1) * d**-0.5
+        lse2[rows[-1]] = torch.logsumexp(logits.masked_fill(~mask[:, None], float("-inf")), -1) / math.log(2)
+    i32 = dict(dtype=torch.int32, device=device)
+    args = (
+        q.to(device), k_cache.to(device), lse2.to(device), torch.tensor(rows, **i32), torch.tensor(row_pos, **i32),
+        torch.tensor([0] + list(itertools.accumulate(pages))[:-1], **i32), torch.cat(tables).to(**i32),
+        torch.tensor(lengths, **i32),
+    )
+    return args, ref
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triton_scores_equal_reference(seed):
+    """The Triton kernel (interpreted on CPU) computes the reference's weights from verification's base-2 LSE."""
+    from specattn.kernels.scores import verification_scores_paged
+
+    lengths, gammas = [37, 130, 5], [4, 0, 2]
+    args, ref = _score_problem("cpu", torch.float32, seed, lengths, gammas)
+    out = torch.full((3, 140), float("nan"))
+    verification_scores_paged(*args, page_size=16, scale=64**-0.5, out=out)
+    for s, n in enumerate(lengths):
+        torch.testing.assert_close(out[s, :n], ref[s], atol=1e-6, rtol=1e-4)
+        assert (out[s, n:] == -1).all()
+
+
+def test_batched_selection_equals_per_sequence_reference():
+    g = torch.Generator().manual_seed(5)
+    lengths, budgets = [50, 17, 33], [10, 17, 4]
+    scores = torch.full((3, 3, 50), -1.0)
+    for s, n in enumerate(lengths):
+        scores[:, s, :n] = torch.rand(3, n, generator=g)
+    picked = select_critical_tokens_batched(scores, budgets)
+    for s, (n, k) in enumerate(zip(lengths, budgets)):
+        assert torch.equal(picked[:, s, :k], select_critical_tokens(scores[:, s, :n], k))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_triton_scores_equal_reference(dtype):
+    from specattn.kernels.scores import verification_scores_paged
+
+    lengths, gammas = [4096, 8191 - 4, 300, 77], [4, 4, 0, 3]
+    args, ref = _score_problem("cuda", dtype, 7, lengths, gammas)
+    out = torch.full((4, 8191), float("nan"), device="cuda")
+    verification_scores_paged(*args, page_size=16, scale=64**-0.5, out=out)
+    for s, n in enumerate(lengths):
+        torch.testing.assert_close(out[s, :n].cpu(), ref[s], atol=2e-4, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_batched_selection_equals_reference():
+    g = torch.Generator().manual_seed(9)
+    lengths = [8192, 4000, 300]
+    budgets = [token_budget(n, 0.05, 256) for n in lengths]
+    scores = torch.full((30, 3, 8192), -1.0)
+    for s, n in enumerate(lengths):
+        scores[:, s, :n] = torch.rand(30, n, generator=g)
+    picked = select_critical_tokens_batched(scores.cuda(), budgets).cpu()
+    for s, (n, k) in enumerate(zip(lengths, budgets)):
+        assert torch.equal(picked[:, s, :k], select_critical_tokens(scores[:, s, :n], k))
