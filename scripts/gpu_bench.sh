@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The GPU machine's run (docs/benchmarks.md): gpu-marked tests, then the offline benchmark sweep.
+# The GPU machine's run (docs/benchmarks.md), in stages so one device call can do several:
+#   tests    every gpu-marked test (FlashInfer and Triton kernels vs their torch references, engine losslessness)
+#   kernels  scripts/gpu_kernel_bench.py: copy bandwidth, attention kernels, score kernel, top-k (check, then time)
+#   bench    the offline benchmark (specattn-bench) with the arguments in $BENCH_ARGS
+#   serve    `specattn serve` under a short HTTP load (specattn-loadtest bench), then its /metrics
+#   jit      FlashInfer's JIT cache as jit.tar.xz, to carry to the next machine (see ../shared/device/README.md)
 # Expects the device bundles installed (/opt/specattn-dev/env.sh) and long documents in .bench-docs/.
-# Usage: bash scripts/gpu_bench.sh <out dir> [offline benchmark args...]
+# Usage: bash scripts/gpu_bench.sh <out dir> <stage> [<stage> ...]
 set -uo pipefail
 out=${1:?out dir}; shift
 source /opt/specattn-dev/env.sh
@@ -10,12 +15,45 @@ export SPECATTN_CACHE_DIR=/tmp/specattn-cache
 mkdir -p /tmp/pkg/specattn
 for d in engine kernels server loadtest; do ln -sfn "$PWD/$d" "/tmp/pkg/specattn/$d"; done
 export PYTHONPATH=/tmp/pkg:$PWD:$PYTHONPATH
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/gpu.txt"
-if python3 -c "import pytest" 2>/dev/null; then
-  python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
-else
-  echo "pytest is not installed here: GPU losslessness is checked by the benchmark's '= none' column" | tee "$out/gpu-tests.txt"
-fi
-python3 -m specattn.loadtest.offline --docs .bench-docs/*.txt --out "$out/gpu-bench" "$@" 2>"$out/bench-stderr.txt"
-tail -5 "$out/bench-stderr.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+
+for stage in "$@"; do
+  start=$(date +%s)
+  case $stage in
+    tests)
+      python3 -m pytest -q -s -m gpu tests/test_kernels.py tests/test_attention.py tests/test_gpu.py -p no:cacheprovider \
+        > "$out/gpu-tests.txt" 2>&1
+      grep -E "identical|passed|failed|Error|error" "$out/gpu-tests.txt" | tail -15 ;;
+    kernels)
+      python3 scripts/gpu_kernel_bench.py --out "$out/kernels" > "$out/kernels.log" 2>&1
+      tail -30 "$out/kernels.log" ;;
+    bench)
+      # shellcheck disable=SC2086
+      python3 -m specattn.loadtest.offline --docs .bench-docs/*.txt --out "$out/gpu-bench" ${BENCH_ARGS:-} 2>"$out/bench-stderr.txt"
+      tail -3 "$out/bench-stderr.txt" ;;
+    serve)
+      python3 -m specattn.server.cli serve --port 8123 --num-pages 16384 --max-num-seqs 64 > "$out/serve.log" 2>&1 &
+      pid=$!
+      python3 - <<'PY'
+import time, httpx
+for _ in range(240):
+    try:
+        if httpx.get("http://127.0.0.1:8123/health", timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.5)
+PY
+      python3 -m specattn.loadtest.cli bench --url http://127.0.0.1:8123 --dataset documents --docs .bench-docs/*.txt \
+        --doc-chars 16000 --num-prompts 128 --output-len 128 --max-concurrency 64 --no-plots --no-progress \
+        --out "$out/http-load" > "$out/http-load.txt" 2>&1
+      python3 -c "import httpx; print(httpx.get('http://127.0.0.1:8123/metrics').text)" > "$out/metrics.txt"
+      kill -TERM $pid; wait $pid
+      tail -25 "$out/http-load.txt"; grep -E "^specattn:(spec_decode_num|request_success|generation_tokens)" "$out/metrics.txt" ;;
+    jit)
+      tar cJf "$out/jit.tar.xz" -C /opt/specattn-dev jit && ls -la "$out/jit.tar.xz" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+  echo "== $stage: $(( $(date +%s) - start )) s"
+done
