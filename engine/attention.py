@@ -74,11 +74,28 @@ class _Group:
     score_rows: torch.Tensor  # [S, 2] query index of the two scored rows (one row is given twice)
 
 
+@dataclass(frozen=True)
+class GraphShape:
+    """A step shape one CUDA graph replays: `batch` sequences (real ones, then padding) of `query_len` tokens each."""
+
+    kind: str  # decode | verify | draft
+    batch: int
+    query_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch * self.query_len
+
+
 class AttentionBackend(Protocol):
     """What the runner and model need from an attention implementation (torch reference or FlashInfer)."""
 
-    def plan(self, seqs: list[SequenceAttention]) -> None:
-        """Prepare one forward over these sequences (host work, once per step)."""
+    def plan(self, seqs: list[SequenceAttention]) -> GraphShape | None:
+        """Prepare one forward over these sequences (host work, once per step).
+
+        Returns the CUDA-graph shape the forward may be replayed as (the token batch then padded to it),
+        or None to run it eagerly.
+        """
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this layer's new K/V into the cache and return the attention output."""
@@ -107,7 +124,7 @@ class TorchAttentionBackend:
         self._scores: list[list[torch.Tensor]] = []  # per group, per layer: [S, K]
         self._score_lens: dict[int, int] = {}
 
-    def plan(self, seqs: list[SequenceAttention]) -> None:
+    def plan(self, seqs: list[SequenceAttention]) -> GraphShape | None:
         dev = self.cache.k.device
         ps = self.cache.page_size
         starts = [0]
@@ -159,6 +176,7 @@ class TorchAttentionBackend:
             )
         self._scores = [[] for _ in self._groups]
         self._score_lens = {i: s.score_len for i, s in enumerate(seqs) if s.score_rows}
+        return None
 
     @staticmethod
     def _page_tables(seqs: list[SequenceAttention]) -> torch.Tensor:

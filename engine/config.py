@@ -122,6 +122,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
     attention: str = "auto"  # auto: FlashInfer on CUDA in 16-bit dtypes when installed, else the torch reference
+    enforce_eager: bool = False  # FlashInfer only: never replay decode/verify/draft steps as CUDA graphs
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)

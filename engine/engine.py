@@ -7,6 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
+from specattn.kernels.reference import token_budget
 
 from .acceptance import accept_drafts
 from .adaptive import GammaController
@@ -58,7 +59,13 @@ class LLMEngine:
         if self.config.resolved_attention == "flashinfer":
             from .flashinfer_attention import FlashInferAttentionBackend
 
-            return FlashInferAttentionBackend(self.cache, scale, self.model_config.num_heads)
+            spec = self.config.spec
+            # a draft attends its selection plus the positions since it (up to 2γ + 1 after a verification)
+            draft_tokens = token_budget(self.max_context, spec.budget_ratio, spec.min_budget) + 64
+            return FlashInferAttentionBackend(
+                self.cache, scale, self.model_config.num_heads, max_batch=self.config.scheduler.max_num_seqs,
+                max_draft_tokens=draft_tokens, graphs=not self.config.enforce_eager,
+            )
         return TorchAttentionBackend(self.cache, scale)
 
     @property
@@ -222,6 +229,11 @@ class LLMEngine:
                 token = argmax[-1] if req.params.greedy else choose_tokens(logits, req.params, req.seed, c.start + j + 1)[-1]
                 drafts[req.request_id].append(token)
         return drafts
+
+    def reset_stats(self) -> None:
+        """Forget speculation statistics and the γ controller's measurements (benchmarks call this after a warm-up)."""
+        self.spec_stats = SpecStats()
+        self.gamma_controller = GammaController(self.config.spec.max_gamma, self.config.spec.adaptive)
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -1,28 +1,35 @@
 """The CUDA attention backend: FlashInfer paged kernels for decode, verification and prefill; drafts over a page-size-1 view.
 
 Same interface and results as `TorchAttentionBackend` (the reference its tests compare against), without
-gathering K/V: FlashInfer reads the paged cache in place. A step is one of three plans:
-- plain decode (every sequence one query, nothing scored): the decode kernel over 16-token pages;
-- verification and prefill chunks (any query counts, causal): the fa2 prefill kernel, which also returns
-  each row's log-sum-exp, so SpecAttn's scores need only q·K of the two scored rows (a Triton kernel);
-- drafts: the decode kernel over the same K/V memory viewed as 1-token pages, whose "page" indices are
+gathering K/V: FlashInfer reads the paged cache in place. A step is planned as one of:
+- decode (every sequence one query) and verify (every sequence γ+1 queries, causal): FlashInfer's
+  tensor-core decode kernel over 16-token pages; it also returns each row's log-sum-exp;
+- prefill (any mix of query counts, causal): the fa2 prefill kernel, also with log-sum-exp;
+- draft: the decode kernel over the same K/V memory viewed as 1-token pages, whose "page" indices are
   the selected slots plus the recent ones. Indices differ per layer but their counts do not, so one
   plan() serves all layers and each layer only copies its indices into the buffer the plan points at.
+Decode, verify and draft steps of up to the largest batch bucket run from fixed buffers per shape, padded
+with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.
+SpecAttn's scores need only q·K of two rows per sequence: each layer keeps those rows' queries and
+log-sum-exps, and one Triton launch over all layers turns them into scores after the forward.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from specattn.kernels.scores import verification_scores_paged
 
-from .attention import ScoreBatch, SequenceAttention
+from .attention import GraphShape, ScoreBatch, SequenceAttention
 from .kv_cache import KVCache
 
-_WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended split-k scratch per wrapper
+_WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
@@ -30,141 +37,233 @@ def _int32(values, device: torch.device | None = None) -> torch.Tensor:
     return t if device is None else t.to(device, non_blocking=True)
 
 
+@dataclass
+class _Plan:
+    """What a forward's per-layer calls read. Fixed buffers reused by every step of a graph shape, or one eager step's own."""
+
+    kind: str  # decode | verify | draft | prefill
+    wrapper: Any
+    slot_mapping: torch.Tensor  # cache slot of each new token
+    indices: torch.Tensor  # page (draft: slot) indices the wrapper reads
+    indptr: torch.Tensor  # [batch + 1] on the device: where each sequence's indices start
+    draft_slots: torch.Tensor | None = None  # draft: [layers, ≥ nnz] each layer's indices
+    rows: torch.Tensor | None = None  # [2 · sequences] token index of the two scored rows of each (scoring plans)
+    q_rows: torch.Tensor | None = None  # [layers, sequences, 2, heads, d] written by the forward
+    lse_rows: torch.Tensor | None = None  # [layers, sequences, 2, heads]
+
+
 class FlashInferAttentionBackend:
-    def __init__(self, cache: KVCache, scale: float, num_heads: int):
+    def __init__(self, cache: KVCache, scale: float, num_heads: int, max_batch: int, max_draft_tokens: int, graphs: bool):
         import flashinfer  # CUDA installs only (the `gpu` extra)
 
+        self._flashinfer = flashinfer
         self.cache = cache
         self.scale = scale
         self.num_heads = num_heads
-        _, _, self.num_kv_heads, self.head_dim = cache.k.shape
+        self.num_layers, _, self.num_kv_heads, self.head_dim = cache.k.shape
         self.device = cache.k.device
-
-        def workspace() -> torch.Tensor:
-            return torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD")
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD", backend="fa2")
-        self._draft = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD")
-        self._mode = "decode"
-        self._slot_mapping = torch.empty(0, dtype=torch.long, device=self.device)
-        self._page_indptr = torch.empty(0, dtype=torch.int32, device=self.device)
-        self._page_indices = torch.empty(0, dtype=torch.int32, device=self.device)
-        self._draft_slots = torch.empty(0, 0, dtype=torch.int32, device=self.device)  # [layers, nnz]
-        self._draft_indices = torch.empty(0, dtype=torch.int32, device=self.device)  # what the draft plan reads
+        self._workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        # tensor cores: 15-25 % faster than the CUDA-core decode kernel at batch ≥ 64 (docs/results/kernels-h200.md)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
+        self._draft = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD")
+        self._buckets = [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch] if graphs else []
+        self._max_draft_tokens = max_draft_tokens  # per sequence, for the fixed draft buffers
+        self._graph_plans: dict[GraphShape, _Plan] = {}
+        self._plan: _Plan | None = None
         self._scored: list[int] = []
-        self._score_lengths: list[int] = []
         self._score_args: tuple[torch.Tensor, ...] = ()
-        self._scores = torch.empty(0, 0, 0, device=self.device)
+        self._score_rows: torch.Tensor | None = None  # which of the plan's row-sequences are scored (None: the first len(scored))
+        self._score_lengths: list[int] = []
 
     def _kernel_args(self) -> dict:
         dtype = self.cache.k.dtype
         return dict(sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype)
 
-    def plan(self, seqs: list[SequenceAttention]) -> None:
-        ps = self.cache.page_size
-        slot_mapping = [
-            s.page_table[p // ps] * ps + p % ps for s in seqs for p in range(s.start_pos, s.end_pos)
-        ]
-        self._slot_mapping = torch.tensor(slot_mapping, dtype=torch.long).to(self.device, non_blocking=True)
-        self._scored = []
+    @property
+    def _scratch_slot(self) -> int:
+        return self.cache.scratch_page * self.cache.page_size
+
+    def _bucket(self, seqs: list[SequenceAttention]) -> int | None:
+        """The padded batch a CUDA graph can run these sequences as, or None (eager)."""
+        q = seqs[0].num_query
+        if q > self.cache.page_size or any(s.num_query != q or (s.sparse is None) != (seqs[0].sparse is None) for s in seqs):
+            return None
+        return next((b for b in self._buckets if b >= len(seqs)), None)
+
+    def plan(self, seqs: list[SequenceAttention]) -> GraphShape | None:
+        bucket = self._bucket(seqs)
         if seqs[0].sparse is not None:
-            self._plan_drafts(seqs)
-            return
+            return self._plan_drafts(seqs, bucket)
         assert all(s.sparse is None for s in seqs), "a step is all drafts or all full attention"
-        pages = [-(-s.end_pos // ps) for s in seqs]
-        indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
+        return self._plan_full(seqs, bucket)
+
+    def _graph_plan(self, shape: GraphShape) -> _Plan:
+        """The fixed buffers and CUDA-graph-mode wrapper of one shape, made on its first use."""
+        plan = self._graph_plans.get(shape)
+        if plan is not None:
+            return plan
+        dev, b, q = self.device, shape.batch, shape.query_len
+        i32 = dict(dtype=torch.int32, device=dev)
+        if shape.kind == "draft":
+            capacity = b * self._max_draft_tokens
+            draft_slots = torch.full((self.num_layers, capacity), self._scratch_slot, **i32)
+        else:
+            capacity = self.cache.allocator.num_pages + b
+            draft_slots = None
+        indptr, indices, last_len = torch.zeros(b + 1, **i32), torch.zeros(capacity, **i32), torch.ones(b, **i32)
+        wrapper = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=shape.kind != "draft",
+            paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_len,
+        )
+        scoring = shape.kind != "draft"
+        plan = _Plan(
+            kind=shape.kind,
+            wrapper=wrapper,
+            slot_mapping=torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev),
+            indices=indices,
+            indptr=indptr,
+            draft_slots=draft_slots,
+            rows=torch.zeros(2 * b, dtype=torch.long, device=dev) if scoring else None,
+            q_rows=torch.zeros(self.num_layers, b, 2, self.num_heads, self.head_dim, dtype=self.cache.k.dtype, device=dev)
+            if scoring else None,
+            lse_rows=torch.zeros(self.num_layers, b, 2, self.num_heads, device=dev) if scoring else None,
+        )
+        self._graph_plans[shape] = plan
+        return plan
+
+    def _slot_mapping(self, seqs: list[SequenceAttention], pad: int, q: int) -> torch.Tensor:
+        ps = self.cache.page_size
+        slots = [s.page_table[p // ps] * ps + p % ps for s in seqs for p in range(s.start_pos, s.end_pos)]
+        slots += [self._scratch_slot + j for _ in range(pad) for j in range(q)]
+        return torch.tensor(slots, dtype=torch.long)
+
+    def _plan_full(self, seqs: list[SequenceAttention], bucket: int | None) -> GraphShape | None:
+        ps = self.cache.page_size
+        q = seqs[0].num_query
+        pad = 0 if bucket is None else bucket - len(seqs)
+        pages = [-(-s.end_pos // ps) for s in seqs] + [1] * pad
+        indptr = np.zeros(len(pages) + 1, dtype=np.int32)
         np.cumsum(pages, out=indptr[1:])
-        indices = np.fromiter(
-            itertools.chain.from_iterable(s.page_table[:n] for s, n in zip(seqs, pages)), np.int32, count=int(indptr[-1])
+        tables = itertools.chain(
+            itertools.chain.from_iterable(s.page_table[:n] for s, n in zip(seqs, pages)), [self.cache.scratch_page] * pad
         )
-        last_len = _int32([s.end_pos - (n - 1) * ps for s, n in zip(seqs, pages)])
-        self._page_indptr = _int32(indptr, self.device)
-        self._page_indices = _int32(indices, self.device)
+        indices = torch.from_numpy(np.fromiter(tables, np.int32, count=int(indptr[-1])))
+        last_len = _int32([s.end_pos - (n - 1) * ps for s, n in zip(seqs, pages)] + [q] * pad)
         dims = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
-        if all(s.num_query == 1 and not s.score_rows for s in seqs):
-            self._mode = "decode"
-            self._decode.plan(torch.from_numpy(indptr), self._page_indices, last_len, *dims, **self._kernel_args())
-            return
-        self._mode = "prefill"
-        qo_indptr = _int32(np.cumsum([0] + [s.num_query for s in seqs]))
-        self._prefill.plan(
-            qo_indptr, torch.from_numpy(indptr), self._page_indices, last_len, *dims, causal=True, **self._kernel_args()
-        )
-        self._plan_scores(seqs, qo_indptr, indptr)
-
-    def _plan_scores(self, seqs: list[SequenceAttention], qo_indptr: torch.Tensor, page_indptr: np.ndarray) -> None:
+        starts = np.cumsum([0] + [s.num_query for s in seqs])
         self._scored = [i for i, s in enumerate(seqs) if s.score_rows]
-        if not self._scored:
-            return
-        rows, row_pos = [], []
-        for i in self._scored:
-            s = seqs[i]
-            r = (s.score_rows * 2)[:2]  # one scored row is given twice
-            rows.append([int(qo_indptr[i]) + x for x in r])
-            row_pos.append([s.start_pos + x for x in r])
-        self._score_lengths = [seqs[i].score_len for i in self._scored]
-        self._score_args = (
-            _int32(rows, self.device),
-            _int32(row_pos, self.device),
-            _int32(page_indptr[self._scored], self.device),
-            self._page_indices,
-            _int32(self._score_lengths, self.device),
-        )
-        layers = self.cache.k.shape[0]
-        self._scores = torch.empty(layers, len(self._scored), max(self._score_lengths), device=self.device)
+        shape = None
+        if bucket is not None:
+            shape = GraphShape("decode" if q == 1 else "verify", bucket, q)
+            plan = self._graph_plan(shape)
+            plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, q))
+            # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
+            rows = [(s.score_rows * 2)[:2] if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
+            plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]))
+            plan.wrapper.plan(torch.from_numpy(indptr), indices, last_len, *dims, q_len_per_req=q, **self._kernel_args())
+            self._score_rows = None if self._scored == list(range(len(self._scored))) else torch.tensor(self._scored, device=self.device)
+        else:
+            kind = "decode" if q == 1 and all(s.num_query == 1 for s in seqs) and not self._scored else "prefill"
+            dev_indices = indices.to(self.device, non_blocking=True)
+            plan = _Plan(kind, self._decode if kind == "decode" else self._prefill,
+                         self._slot_mapping(seqs, 0, q).to(self.device, non_blocking=True),
+                         dev_indices, _int32(indptr, self.device))
+            if kind == "decode":
+                self._decode.plan(torch.from_numpy(indptr), dev_indices, last_len, *dims, **self._kernel_args())
+            else:
+                qo_indptr = _int32(starts)
+                self._prefill.plan(qo_indptr, torch.from_numpy(indptr), dev_indices, last_len, *dims, causal=True,
+                                   **self._kernel_args())
+            if self._scored:
+                rows = [int(starts[i]) + r for i in self._scored for r in (seqs[i].score_rows * 2)[:2]]
+                plan.rows = torch.tensor(rows, device=self.device)
+                plan.q_rows = torch.empty(self.num_layers, len(self._scored), 2, self.num_heads, self.head_dim,
+                                          dtype=self.cache.k.dtype, device=self.device)
+                plan.lse_rows = torch.empty(self.num_layers, len(self._scored), 2, self.num_heads, device=self.device)
+            self._score_rows = None
+        self._plan = plan
+        if self._scored:
+            row_pos = [[seqs[i].start_pos + r for r in (seqs[i].score_rows * 2)[:2]] for i in self._scored]
+            self._score_lengths = [seqs[i].score_len for i in self._scored]
+            self._score_args = (
+                _int32(row_pos, self.device),
+                _int32(indptr[self._scored], self.device),
+                plan.indices,
+                _int32(self._score_lengths, self.device),
+            )
+        return shape
 
-    def _plan_drafts(self, seqs: list[SequenceAttention]) -> None:
+    def _plan_drafts(self, seqs: list[SequenceAttention], bucket: int | None) -> GraphShape | None:
         assert all(s.sparse is not None and s.num_query == 1 for s in seqs), "a step is all drafts or all full attention"
-        layers = self.cache.k.shape[0]
+        self._scored = []
+        counts = [s.sparse.selected.shape[1] + len(s.sparse.recent) for s in seqs]
+        if bucket is not None and sum(counts) + bucket > bucket * self._max_draft_tokens:
+            bucket = None  # more recent tokens than the fixed buffers hold (after many plain steps): run eagerly
+        pad = 0 if bucket is None else bucket - len(seqs)
         recent = _int32([slot for s in seqs for slot in s.sparse.recent], self.device)
         parts = []
         for s, r in zip(seqs, recent.split([len(s.sparse.recent) for s in seqs])):
-            parts += [s.sparse.selected, r.expand(layers, -1)]
-        self._draft_slots = torch.cat(parts, dim=1)
-        counts = [s.sparse.selected.shape[1] + len(s.sparse.recent) for s in seqs]
-        self._draft_indices = torch.empty(self._draft_slots.shape[1], dtype=torch.int32, device=self.device)
-        self._mode = "draft"
-        self._draft.plan(
-            _int32(np.cumsum([0] + counts)),
-            self._draft_indices,  # refilled per layer; plan() keeps this tensor, not a copy
-            _int32(np.ones(len(seqs))),
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            1,
-            **self._kernel_args(),
-        )
+            parts += [s.sparse.selected, r.expand(self.num_layers, -1)]
+        slots = torch.cat(parts, dim=1)
+        nnz = slots.shape[1]
+        indptr = _int32(np.cumsum([0] + counts + [1] * pad))
+        last_len = _int32(np.ones(len(seqs) + pad))
+        dims = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
+        if bucket is None:
+            indices = torch.empty(nnz, dtype=torch.int32, device=self.device)
+            self._plan = _Plan("draft", self._draft, self._slot_mapping(seqs, 0, 1).to(self.device, non_blocking=True),
+                               indices, indptr.to(self.device), draft_slots=slots)
+            # refilled per layer; plan() keeps this tensor, not a copy
+            self._draft.plan(indptr, indices, last_len, *dims, **self._kernel_args())
+            return None
+        shape = GraphShape("draft", bucket, 1)
+        plan = self._graph_plan(shape)
+        plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, 1))
+        plan.draft_slots[:, :nnz].copy_(slots)
+        plan.draft_slots[:, nnz : nnz + pad].fill_(self._scratch_slot)
+        plan.wrapper.plan(indptr, plan.indices[: nnz + pad], last_len, *dims, **self._kernel_args())
+        self._plan = plan
+        return shape
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        plan = self._plan
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[self._slot_mapping] = k
-        v_cache[self._slot_mapping] = v
+        k_cache[plan.slot_mapping] = k
+        v_cache[plan.slot_mapping] = v
         q = q.contiguous()
-        if self._mode == "draft":
-            self._draft_indices.copy_(self._draft_slots[layer])
-            return self._draft.run(q, (k_cache.unsqueeze(1), v_cache.unsqueeze(1)))
+        if plan.kind == "draft":
+            plan.indices.copy_(plan.draft_slots[layer, : plan.indices.shape[0]])
+            return plan.wrapper.run(q, (k_cache.unsqueeze(1), v_cache.unsqueeze(1)))
         paged = (
             k_cache.view(-1, self.cache.page_size, self.num_kv_heads, self.head_dim),
             v_cache.view(-1, self.cache.page_size, self.num_kv_heads, self.head_dim),
         )
-        if self._mode == "decode":
-            return self._decode.run(q, paged)
-        if not self._scored:
-            return self._prefill.run(q, paged)
-        out, lse2 = self._prefill.run(q, paged, return_lse=True)
-        verification_scores_paged(
-            q, k_cache, lse2, *self._score_args, page_size=self.cache.page_size, scale=self.scale, out=self._scores[layer]
-        )
+        if plan.rows is None:
+            return plan.wrapper.run(q, paged)
+        out, lse2 = plan.wrapper.run(q, paged, return_lse=True)
+        plan.q_rows[layer].copy_(q[plan.rows].view(plan.q_rows.shape[1:]))
+        plan.lse_rows[layer].copy_(lse2[plan.rows].view(plan.lse_rows.shape[1:]))
         return out
 
     def take_scores(self) -> ScoreBatch | None:
+        """The scored sequences' attention scores from the rows the last forward kept: one Triton launch, all layers."""
         if not self._scored:
             return None
-        return ScoreBatch(list(self._scored), self._scores, list(self._score_lengths))
+        plan = self._plan
+        q_rows, lse_rows = plan.q_rows, plan.lse_rows
+        if self._score_rows is not None:
+            q_rows, lse_rows = q_rows.index_select(1, self._score_rows), lse_rows.index_select(1, self._score_rows)
+        else:
+            q_rows, lse_rows = q_rows[:, : len(self._scored)], lse_rows[:, : len(self._scored)]
+        scores = torch.empty(self.num_layers, len(self._scored), max(self._score_lengths), device=self.device)
+        verification_scores_paged(q_rows, lse_rows, self.cache.k, *self._score_args, page_size=self.cache.page_size,
+                                  scale=self.scale, out=scores)
+        return ScoreBatch(list(self._scored), scores, list(self._score_lengths))
 
     def slots_of(self, seqs: list[int], positions: torch.Tensor) -> torch.Tensor:
         ps = self.cache.page_size
-        first_page = self._page_indptr[torch.tensor(seqs, device=self.device)]
-        page = (first_page[None, :, None] + positions // ps).clamp(max=self._page_indices.shape[0] - 1)
-        return (self._page_indices[page] * ps + positions % ps).to(torch.int32)
+        plan = self._plan
+        first_page = plan.indptr[torch.tensor(seqs, device=self.device)]
+        page = (first_page[None, :, None] + positions // ps).clamp(max=plan.indices.shape[0] - 1)
+        return (plan.indices[page] * ps + positions % ps).to(torch.int32)

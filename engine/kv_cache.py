@@ -40,10 +40,14 @@ class PageAllocator:
 
 
 class KVCache:
-    """K and V for all layers as [layers, pages * page_size, kv_heads, head_dim] (NHD; page p holds slots p*ps..)."""
+    """K and V for all layers as [layers, pages * page_size, kv_heads, head_dim] (NHD; page p holds slots p*ps..).
+
+    One page past the allocator's is scratch: padding rows of a CUDA-graph batch write and read there.
+    """
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str):
-        shape = (model.num_layers, cache.num_pages * cache.page_size, model.num_kv_heads, model.head_dim)
+        self.scratch_page = cache.num_pages
+        shape = (model.num_layers, (cache.num_pages + 1) * cache.page_size, model.num_kv_heads, model.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.page_size = cache.page_size

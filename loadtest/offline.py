@@ -41,7 +41,8 @@ class Result:
     requests: int
     output_tokens: int
     seconds: float
-    tokens_per_s: float
+    tokens_per_s: float  # all output tokens over the whole run, prefill included
+    decode_tokens_per_s: float | None = None  # output tokens once every request is decoding, over that span
     acceptance_rate: float | None = None
     mean_acceptance_length: float | None = None
     accepted_per_position: list[float] = field(default_factory=list)
@@ -85,19 +86,32 @@ def build_prompts(files: ModelFiles, workload: str, docs: list[str], context: in
     return prompts
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, progress: tqdm) -> tuple[list[list[int]], float]:
+@dataclass
+class Timing:
+    seconds: float  # the whole run: prefill and decode
+    decode_seconds: float  # from the step after which every request had its first token, to the end
+    decode_tokens: int  # tokens generated in that span
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, progress: tqdm) -> tuple[list[list[int]], Timing]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"b{i}", p, params)
     outputs: dict[str, list[int]] = {f"b{i}": [] for i in range(len(prompts))}
+    produced, decode_start, decode_from = 0, None, 0
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         for out in engine.step():
             outputs[out.request_id].extend(out.new_token_ids)
+            produced += len(out.new_token_ids)
             progress.update(len(out.new_token_ids))
+        if decode_start is None and all(outputs.values()):
+            decode_start, decode_from = time.perf_counter(), produced
     if engine.model.device.type == "cuda":
         torch.cuda.synchronize()
-    return [outputs[f"b{i}"] for i in range(len(prompts))], time.perf_counter() - start
+    end = time.perf_counter()
+    timing = Timing(end - start, end - (decode_start or end), produced - decode_from)
+    return [outputs[f"b{i}"] for i in range(len(prompts))], timing
 
 
 def benchmark(args: argparse.Namespace) -> list[Result]:
@@ -135,15 +149,18 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                                      scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=args.prefill_chunk)),
                         files,
                     )
-                    run_engine(engine, prompts[:1], 4, tqdm(disable=True))  # warm-up: allocator, kernels, caches
-                    engine = LLMEngine(engine.config, files)
-                    outputs, seconds = run_engine(engine, prompts, args.max_tokens, bar)
+                    # warm-up at the same batch size on short prompts: kernels compile and CUDA graphs are captured
+                    # for the batch's shapes (they do not depend on context length)
+                    run_engine(engine, [p[:256] for p in prompts], 24, tqdm(disable=True))
+                    engine.reset_stats()
+                    outputs, timing = run_engine(engine, prompts, args.max_tokens, bar)
                 stats = engine.stats()
                 produced = sum(len(o) for o in outputs)
                 reference = outputs if name == "none" else reference
                 results.append(Result(
                     variant=name, context=context, batch=batch, requests=len(prompts), output_tokens=produced,
-                    seconds=round(seconds, 3), tokens_per_s=round(produced / seconds, 1),
+                    seconds=round(timing.seconds, 3), tokens_per_s=round(produced / timing.seconds, 1),
+                    decode_tokens_per_s=round(timing.decode_tokens / timing.decode_seconds, 1) if timing.decode_seconds else None,
                     acceptance_rate=round(stats.spec.acceptance_rate, 4) if stats.spec.num_drafts else None,
                     mean_acceptance_length=round(stats.spec.mean_acceptance_length, 3) if stats.spec.num_drafts else None,
                     accepted_per_position=[round(a / stats.spec.num_drafts, 3) for a in stats.spec.accepted_per_position],
@@ -169,17 +186,25 @@ def run_hf(files: ModelFiles, prompts, args, device: str, context: int, batch: i
 
 
 def markdown_table(results: list[Result]) -> str:
-    rows = ["| context | batch | variant | tok/s | × none | accept rate | mean accept len | per-position accept | γ steps | = none |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | :---: |"]
-    base = {(r.context, r.batch): r.tokens_per_s for r in results if r.variant == "none"}
+    rows = ["| context | batch | variant | tok/s | × none | decode tok/s | decode × none | accept rate | mean accept len "
+            "| per-position accept | γ steps | = none |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | :---: |"]
+    base = {(r.context, r.batch): r for r in results if r.variant == "none"}
+
+    def ratio(r: Result, attr: str) -> str:
+        ref = base.get((r.context, r.batch))
+        value, ref_value = getattr(r, attr), ref and getattr(ref, attr)
+        return f"{value / ref_value:.2f}" if value and ref_value else ""
+
     for r in results:
-        speedup = f"{r.tokens_per_s / base[(r.context, r.batch)]:.2f}" if (r.context, r.batch) in base else ""
+        decode = "" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}"
         fmt = lambda x: "" if x is None else f"{x:.3f}"
         same = "" if r.identical_to_none is None else f"{r.identical_to_none}/{r.requests}"
         if r.note:
             same = f"{same} {r.note}".strip()
         rows.append(
-            f"| {r.context} | {r.batch} | {r.variant} | {r.tokens_per_s:.1f} | {speedup} | {fmt(r.acceptance_rate)} | "
+            f"| {r.context} | {r.batch} | {r.variant} | {r.tokens_per_s:.1f} | {ratio(r, 'tokens_per_s')} | {decode} | "
+            f"{ratio(r, 'decode_tokens_per_s')} | {fmt(r.acceptance_rate)} | "
             f"{fmt(r.mean_acceptance_length)} | {' '.join(f'{a:.2f}' for a in r.accepted_per_position)} | "
             f"{' '.join(f'{g}:{n}' for g, n in sorted(r.gamma_histogram.items()))} | {same} |"
         )

@@ -3,6 +3,7 @@
 #   tests    every gpu-marked test (FlashInfer and Triton kernels vs their torch references, engine losslessness)
 #   kernels  scripts/gpu_kernel_bench.py: copy bandwidth, attention kernels, score kernel, top-k (check, then time)
 #   bench    the offline benchmark (specattn-bench) with the arguments in $BENCH_ARGS
+#   profile  scripts/profile_step.py: torch.profiler over decode steps of none and specattn ($PROFILE_ARGS)
 #   serve    `specattn serve` under a short HTTP load (specattn-loadtest bench), then its /metrics
 #   jit      FlashInfer's JIT cache as jit.tar.xz, to carry to the next machine (see ../shared/device/README.md)
 # Expects the device bundles installed (/opt/specattn-dev/env.sh) and long documents in .bench-docs/.
@@ -32,6 +33,9 @@ for stage in "$@"; do
       # shellcheck disable=SC2086
       python3 -m specattn.loadtest.offline --docs .bench-docs/*.txt --out "$out/gpu-bench" ${BENCH_ARGS:-} 2>"$out/bench-stderr.txt"
       tail -3 "$out/bench-stderr.txt" ;;
+    profile)
+      # shellcheck disable=SC2086
+      python3 scripts/profile_step.py --out "$out" ${PROFILE_ARGS:-} 2>&1 | grep -v dequantizing | tail -4 ;;
     serve)
       python3 -m specattn.server.cli serve --port 8123 --num-pages 16384 --max-num-seqs 64 > "$out/serve.log" 2>&1 &
       pid=$!

@@ -57,6 +57,9 @@ SCORE_REL_TOL = 1e-3  # fp32 scores from bf16 inputs: atol alone is loose next t
 REF_CHUNK_ELEMS = 1 << 26  # fp32 elements of gathered K per reference chunk (256 MB), bounding reference memory
 BENCH_WARMUP_MS, BENCH_REP_MS = 25, 100
 PLAN_REPS = 5
+# plan() metadata (indptr, last_page_len) lives on the host and page indices on the device, as
+# engine/flashinfer_attention.py passes them, so the plan() host times are the engine's.
+HOST = torch.device("cpu")
 
 # triton.testing.do_bench has had return_mode since 3.0; fall back to the median quantile on an older one.
 _HAS_RETURN_MODE = "return_mode" in inspect.signature(do_bench).parameters
@@ -177,7 +180,7 @@ class Case:
 
     @property
     def kv_indptr(self) -> torch.Tensor:
-        return _indptr(self.batch, self.pages.shape[1], self.device)
+        return _indptr(self.batch, self.pages.shape[1], HOST)
 
     @property
     def kv_indices(self) -> torch.Tensor:
@@ -185,7 +188,7 @@ class Case:
 
     @property
     def last_page_len(self) -> torch.Tensor:
-        return torch.full((self.batch,), PAGE, dtype=torch.int32, device=self.device)
+        return torch.full((self.batch,), PAGE, dtype=torch.int32, device=HOST)
 
     @property
     def kv_bytes(self) -> float:
@@ -285,7 +288,8 @@ def check_attention(report: Report, case: Case, variant: str, out: torch.Tensor,
 def check_lse(report: Report, case: Case, variant: str, lse: torch.Tensor, ref_lse2: torch.Tensor) -> bool:
     finite = bool(torch.isfinite(lse).all())
     err = (lse - ref_lse2).abs().max().item() if finite else float("nan")
-    return report.check(case, variant, finite and err < LSE_ABS_TOL, f"base-2 LSE finite={finite} max_abs_err={err:.2e}")
+    detail = f"base-2 LSE finite={finite} max_abs_err={err:.2e}"
+    return report.check(case, variant, finite and err < LSE_ABS_TOL, detail)
 
 
 # ---------------------------------------------------------------------------------------------------- variants
@@ -308,7 +312,8 @@ class Wrappers:
 
         # backend="fa2" pinned: on SM90 "auto" also lands there, and a pinned choice keeps rows comparable.
         def decode(tensor_cores: bool) -> Any:
-            return fi.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=tensor_cores, backend="fa2")
+            return fi.BatchDecodeWithPagedKVCacheWrapper(
+                workspace(), "NHD", use_tensor_cores=tensor_cores, backend="fa2")
 
         return Wrappers(
             decode_cc=decode(False),
@@ -350,14 +355,17 @@ def bench_decode(report: Report, w: Wrappers, case: Case) -> None:
     report.timing(case, "plan_decode", host_ms(plan), host=True)
 
 
-def bench_verify(report: Report, w: Wrappers, case: Case) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Verify attention; returns its q [B*5, H, d] and base-2 LSE [B*5, H] for the scores check, None if it failed."""
+def bench_verify(report: Report, w: Wrappers, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify attention; returns its q [B*5, H, d] and the LSE [B*5, H] it returned, checked or not.
+
+    The scores check consumes that LSE whatever verify's own checks said, so it tests the base-2 convention on its own.
+    """
     b = case.batch
     q = torch.randn(b * VERIFY_ROWS, HEADS, HEAD_DIM, device=case.device, dtype=DTYPE)
     mask = verify_mask(case.ctx, torch.arange(VERIFY_ROWS), case.device)
     ref, ref_lse2 = reference_attention(case.k, case.v, case.all_slots(), q.view(b, VERIFY_ROWS, HEADS, HEAD_DIM), mask)
     ref, ref_lse2 = ref.flatten(0, 1), ref_lse2.flatten(0, 1)
-    qo_indptr = _indptr(b, VERIFY_ROWS, case.device)
+    qo_indptr = _indptr(b, VERIFY_ROWS, HOST)
 
     def plan() -> None:
         w.verify.plan(qo_indptr, case.kv_indptr, case.kv_indices, case.last_page_len, HEADS, KV_HEADS, HEAD_DIM, PAGE,
@@ -368,13 +376,13 @@ def bench_verify(report: Report, w: Wrappers, case: Case) -> tuple[torch.Tensor,
     out, lse = torch.full_like(q, float("nan")), torch.full((q.shape[0], HEADS), float("nan"), device=case.device)
     run = partial(w.verify.run, q, case.paged_kv, out=out, lse=lse, return_lse=True, lse_base="log2")
     out_v, lse_v = run()
-    # & rather than `and`: both checks print their numbers even when the first fails
-    ok = check_attention(report, case, "verify_fa2", out_v, ref) & check_lse(report, case, "verify_fa2", lse_v, ref_lse2)
+    ok = check_attention(report, case, "verify_fa2", out_v, ref)
+    ok &= check_lse(report, case, "verify_fa2", lse_v, ref_lse2)
     if ok:
         report.timing(case, "verify_fa2", bench_ms(run), case.kv_bytes)
     report.timing(case, "plan_verify", host_ms(plan), host=True)
     bench_verify_tc(report, w, case, q, ref, ref_lse2)
-    return (q, lse_v) if ok else None
+    return q, lse_v
 
 
 def bench_verify_tc(report: Report, w: Wrappers, case: Case, q: torch.Tensor, ref: torch.Tensor,
@@ -390,19 +398,23 @@ def bench_verify_tc(report: Report, w: Wrappers, case: Case, q: torch.Tensor, re
     except Exception as exc:  # noqa: BLE001 - "if it works": a refusal is reported, not failed
         report.skip(case, variant, f"q_len_per_req={VERIFY_ROWS} refused: {type(exc).__name__}: {exc}")
         return
-    if check_attention(report, case, variant, out_v, ref) & check_lse(report, case, variant, lse_v, ref_lse2):
+    ok = check_attention(report, case, variant, out_v, ref)
+    ok &= check_lse(report, case, variant, lse_v, ref_lse2)
+    if ok:
         report.timing(case, variant, bench_ms(run), case.kv_bytes)
 
 
 def scores_launcher(case: Case, q: torch.Tensor, lse2: torch.Tensor, out: torch.Tensor) -> Callable[[], torch.Tensor]:
     """One layer's score launch: rows = the first and last verification row of each sequence, span [0, ctx-4)."""
     b, dev = case.batch, case.device
-    rows = (torch.arange(b, device=dev)[:, None] * VERIFY_ROWS + torch.tensor([0, GAMMA], device=dev)).int()
-    row_pos = torch.tensor([case.ctx - VERIFY_ROWS, case.ctx - 1], dtype=torch.int32, device=dev).expand(b, 2).contiguous()
+    scored = torch.tensor([0, GAMMA], device=dev)
+    q_rows = q.view(b, VERIFY_ROWS, HEADS, HEAD_DIM)[:, scored][None].contiguous()  # [1 layer, B, 2, H, d]
+    lse_rows = lse2.view(b, VERIFY_ROWS, HEADS)[:, scored][None].contiguous()
+    row_pos = torch.tensor([case.ctx - VERIFY_ROWS, case.ctx - 1], dtype=torch.int32, device=dev).repeat(b, 1)
     page_start = _indptr(b, case.pages.shape[1], dev)[:-1]
     lengths = torch.full((b,), case.ctx - VERIFY_ROWS + 1, dtype=torch.int32, device=dev)
-    return partial(verification_scores_paged, q, case.k, lse2, rows, row_pos, page_start, case.kv_indices, lengths,
-                   PAGE, SCALE, out)
+    return partial(verification_scores_paged, q_rows, lse_rows, case.k[None], row_pos, page_start, case.kv_indices,
+                   lengths, PAGE, SCALE, out[None])
 
 
 def bench_scores(report: Report, case: Case, q: torch.Tensor, lse2: torch.Tensor) -> None:
@@ -442,14 +454,14 @@ def bench_draft(report: Report, w: Wrappers, case: Case) -> None:
     slots = draft_slots(case, k, LAYERS)  # [L, B, n]
     indices = slots.view(LAYERS, b * n).to(torch.int32)
     buf = indices[0].clone()
-    indptr = _indptr(b, n, dev)
-    last_page_len = torch.ones(b, dtype=torch.int32, device=dev)
+    indptr = _indptr(b, n, HOST)
+    last_page_len = torch.ones(b, dtype=torch.int32, device=HOST)
     plan = partial(plan_decode, w.draft, indptr, buf, last_page_len, 1)
     log("  draft: plan + first run")
     plan()
     qs = torch.randn(LAYERS, b, HEADS, HEAD_DIM, device=dev, dtype=DTYPE)
     outs = torch.full_like(qs, float("nan"))
-    refs = [reference_attention(case.k, case.v, slots[layer], qs[layer][:, None], None)[0][:, 0] for layer in range(LAYERS)]
+    refs = [reference_attention(case.k, case.v, slots[i], qs[i][:, None], None)[0][:, 0] for i in range(LAYERS)]
     draft_bytes = 2.0 * b * n * SLOT_BYTES
 
     run = partial(w.draft.run, qs[0], case.sparse_kv, out=outs[0])
@@ -482,7 +494,7 @@ def run_case(report: Report, w: Wrappers, ctx: int, batch: int, device: torch.de
     run_guarded(report, case, "decode", partial(bench_decode, report, w, case))
     verified = run_guarded(report, case, "verify_fa2", partial(bench_verify, report, w, case))
     if verified is None:
-        report.check(case, "scores", False, "not run: needs verify_fa2's LSE")
+        report.check(case, "scores", False, "not run: verify_fa2 raised, so there is no LSE to score with")
     else:
         run_guarded(report, case, "scores", partial(bench_scores, report, case, *verified))
     run_guarded(report, case, "draft", partial(bench_draft, report, w, case))
@@ -497,22 +509,24 @@ def _us(rec: dict[str, Any] | None) -> str:
 
 
 def render_table(report: Report, combos: list[tuple[int, int]]) -> str:
-    head = ("| ctx | B | decode cc | decode tc | verify fa2 | verify tc-decode q5 | draft 1 layer | draft 30-layer loop "
-            "| scores 30 layers (vs verify x30) | topk | plan dec/ver/draft (host) |")
+    head = ("| ctx | B | decode cc | decode tc | verify fa2 | verify tc-decode q5 | draft 1 layer "
+            "| draft 30-layer loop | scores 30 layers (vs verify x30) | topk | plan dec/ver/draft (host) |")
     lines = [f"copy: {report.copy_gbps:.0f} GB/s read+write on {report.meta.get('device', '?')}. "
-             "Times in us (median); % = achieved K+V bandwidth / copy bandwidth.", "", head,
+             "Times in us (device median; plan: host median); TB/s and % = K+V bytes read / time, "
+             "against the copy bandwidth.", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for ctx, b in combos:
         def cell(variant: str, pct: bool = False) -> str:
             rec = report.find(ctx, b, variant)
             if rec is None:
                 return report.status(ctx, b, variant)
-            return f"{_us(rec)} ({rec['pct_copy']:.0f}%)" if pct else _us(rec)
+            return f"{_us(rec)} ({rec['gbps'] / 1e3:.2f} TB/s, {rec['pct_copy']:.0f}%)" if pct else _us(rec)
 
         scores, verify = report.find(ctx, b, "scores_30layer"), report.find(ctx, b, "verify_fa2")
         scores_cell = cell("scores_30layer")
         if scores and verify:
-            scores_cell += f" ({100 * scores['ms'] / (LAYERS * verify['ms']):.0f}% of {LAYERS * verify['ms'] * 1e3:.0f})"
+            verify_all = LAYERS * verify["ms"]
+            scores_cell += f" ({100 * scores['ms'] / verify_all:.0f}% of {verify_all * 1e3:.0f})"
         plans = "/".join(_us(report.find(ctx, b, f"plan_{p}")) for p in ("decode", "verify", "draft"))
         row = [str(ctx), str(b), cell("decode_cc", True), cell("decode_tc", True), cell("verify_fa2", True),
                cell("verify_tc_decode", True), cell("draft_1layer"), cell("draft_30layer_loop"), scores_cell,
@@ -553,7 +567,8 @@ def fitting_combos(contexts: list[int], batches: list[int]) -> list[tuple[int, i
         for b in batches:
             model_kv = LAYERS * 2.0 * b * ctx * SLOT_BYTES
             if model_kv > KV_BUDGET_BYTES:
-                log(f"skip ctx={ctx} B={b}: {LAYERS}-layer K+V is {model_kv / 1e9:.0f} GB > {KV_BUDGET_BYTES / 1e9:.0f} GB")
+                log(f"skip ctx={ctx} B={b}: {LAYERS}-layer K+V is {model_kv / 1e9:.0f} GB "
+                    f"> {KV_BUDGET_BYTES / 1e9:.0f} GB")
             else:
                 combos.append((ctx, b))
     return combos

@@ -7,6 +7,9 @@ Usage (GPU machine, after scripts/gpu_bench.sh has set up the package path):
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 from pathlib import Path
 
@@ -48,6 +51,18 @@ def main() -> None:
                 engine.step()
             torch.cuda.synchronize()
         per_step = (time.perf_counter() - t0) / args.steps
+        # host-side Python: where the step's wall time goes outside torch ops
+        stats_io = io.StringIO()
+        py = cProfile.Profile()
+        t1 = time.perf_counter()
+        py.enable()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        py.disable()
+        plain_step = (time.perf_counter() - t1) / args.steps
+        pstats.Stats(py, stream=stats_io).sort_stats("cumulative").print_stats(30)
+        report.append(f"## {drafter}: {plain_step * 1000:.1f} ms/step under cProfile\n\n```\n{stats_io.getvalue()[-9000:]}\n```\n")
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
         cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
         report.append(f"## {drafter} gamma={gamma} batch={args.batch} context={args.context}: {per_step * 1000:.1f} ms/step "

@@ -18,6 +18,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
                    help="auto: FlashInfer on CUDA (bf16/fp16) when installed, else the torch reference")
+    p.add_argument("--enforce-eager", action="store_true", help="never replay steps as CUDA graphs (FlashInfer)")
     p.add_argument("--num-pages", type=int, default=CacheConfig.num_pages, help="KV cache pages")
     p.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
@@ -38,6 +39,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         device=device,
         dtype=DTYPES[args.dtype],
         attention=args.attention,
+        enforce_eager=args.enforce_eager,
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         spec=SpecConfig(

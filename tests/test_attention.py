@@ -74,12 +74,18 @@ def build_scenario(cache: KVCache, kinds, g: torch.Generator, heads: int = HEADS
 def run_and_compare(backend, sc: Scenario, atol: float, rtol: float) -> None:
     """Plan, run every layer, and compare each sequence's output with dense attention in float32."""
     dev = backend.cache.k.device
-    backend.plan(sc.seqs)
+    shape = backend.plan(sc.seqs)
+    real = sum(s.num_query for s in sc.seqs)
+    pad = 0 if shape is None else shape.num_tokens - real  # a CUDA-graph plan: padding rows, as the runner adds
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, torch.randn(pad, *x.shape[1:], dtype=x.dtype)]).to(dev)
+
     for layer in range(backend.cache.k.shape[0]):
-        q = torch.cat([x[layer] for x in sc.new_q]).to(dev)
-        k = torch.cat([x[layer, s.start_pos :] for x, s in zip(sc.dense_k, sc.seqs)]).to(dev)
-        v = torch.cat([x[layer, s.start_pos :] for x, s in zip(sc.dense_v, sc.seqs)]).to(dev)
-        out = backend(layer, q, k, v).float().cpu().split([s.num_query for s in sc.seqs])
+        q = padded(torch.cat([x[layer] for x in sc.new_q]))
+        k = padded(torch.cat([x[layer, s.start_pos :] for x, s in zip(sc.dense_k, sc.seqs)]))
+        v = padded(torch.cat([x[layer, s.start_pos :] for x, s in zip(sc.dense_v, sc.seqs)]))
+        out = backend(layer, q, k, v)[:real].float().cpu().split([s.num_query for s in sc.seqs])
         for i, s in enumerate(sc.seqs):
             q_pos = torch.arange(s.start_pos, s.end_pos)
             kv_pos = torch.arange(s.end_pos) if sc.kv_positions[i] is None else sc.kv_positions[i][layer]
@@ -105,37 +111,50 @@ def _gpu_cache(page_size: int = 16) -> KVCache:
     return make_cache(page_size, torch.bfloat16, "cuda", num_pages=4096, heads=9, kv_heads=3, dim=64)
 
 
+def _flashinfer(cache: KVCache, graphs: bool):
+    from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
+
+    return FlashInferAttentionBackend(cache, 64**-0.5, 9, max_batch=8, max_draft_tokens=2100, graphs=graphs)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-buffers"])
 @pytest.mark.parametrize(
     "kinds",
-    [FULL_KINDS, [(50, 1), (3000, 1), (7, 1), (1, 1)], [(40, 1, "sparse"), (2000, 1, "sparse"), (700, 1, "sparse")]],
-    ids=["prefill-verify", "decode", "drafts"],
+    [FULL_KINDS, [(3000, 5), (40, 5), (600, 5)], [(50, 1), (3000, 1), (7, 1), (1, 1), (900, 1)],
+     [(40, 1, "sparse"), (2000, 1, "sparse"), (700, 1, "sparse")]],
+    ids=["prefill-mixed", "verify", "decode", "drafts"],
 )
-def test_gpu_flashinfer_matches_dense(kinds):
-    from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
-
+def test_gpu_flashinfer_matches_dense(kinds, graphs):
+    """Every plan kind, eager and through the fixed buffers of a CUDA-graph shape (padded with scratch sequences)."""
     cache = _gpu_cache()
     sc = build_scenario(cache, kinds, torch.Generator().manual_seed(11), heads=9)
-    run_and_compare(FlashInferAttentionBackend(cache, 64**-0.5, 9), sc, atol=3e-2, rtol=3e-2)
+    backend = _flashinfer(cache, graphs)
+    run_and_compare(backend, sc, atol=3e-2, rtol=3e-2)
+    assert (backend.plan(sc.seqs) is not None) == (graphs and kinds is not FULL_KINDS)
 
 
 @pytest.mark.gpu
-def test_gpu_flashinfer_scores_and_slots_equal_torch_backend():
+@pytest.mark.parametrize(
+    "kinds,scored",
+    [([(3000, 5), (40, 1), (600, 3), (0, 50)], {0: (0, 4), 2: (0, 2), 3: (49,)}),  # eager prefill path
+     ([(3000, 5), (40, 5), (600, 5), (77, 5)], {0: (0, 4), 1: (0, 4), 3: (0, 4)})],  # a verify graph shape
+    ids=["mixed", "verify"],
+)
+def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored):
     """Verification through FlashInfer + the Triton kernel extracts the torch backend's scores, and maps positions to the same slots."""
-    from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
-
     cache = _gpu_cache()
-    sc = build_scenario(cache, [(3000, 5), (40, 1), (600, 3), (0, 50)], torch.Generator().manual_seed(12), heads=9)
-    sc.seqs[0].score_rows, sc.seqs[0].score_len = (0, 4), 3001
-    sc.seqs[2].score_rows, sc.seqs[2].score_len = (0, 2), 601
-    sc.seqs[3].score_rows, sc.seqs[3].score_len = (49,), 50  # a prefill's last chunk scores one row
-    positions = torch.randint(0, 50, (LAYERS, 3, 20), device="cuda")
+    sc = build_scenario(cache, kinds, torch.Generator().manual_seed(12), heads=9)
+    for i, rows in scored.items():  # a verification scores its first and last row; a prefill's last chunk one row
+        s = sc.seqs[i]
+        s.score_rows, s.score_len = rows, s.start_pos + rows[0] + 1
+    positions = torch.randint(0, 40, (LAYERS, len(scored), 20), device="cuda")
     results = []
-    for backend in (TorchAttentionBackend(cache, 64**-0.5), FlashInferAttentionBackend(cache, 64**-0.5, 9)):
+    for backend in (TorchAttentionBackend(cache, 64**-0.5), _flashinfer(cache, graphs=True)):
         run_and_compare(backend, sc, atol=3e-2, rtol=3e-2)
         scores = backend.take_scores()
         results.append((scores, backend.slots_of(scores.seqs, positions).long()))
     (ref, ref_slots), (got, got_slots) = results
-    assert got.seqs == ref.seqs == [0, 2, 3] and got.lengths == ref.lengths
+    assert got.seqs == ref.seqs == sorted(scored) and got.lengths == ref.lengths
     torch.testing.assert_close(got.scores, ref.scores.float(), atol=2e-4, rtol=3e-2)
     assert torch.equal(got_slots, ref_slots)

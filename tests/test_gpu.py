@@ -50,27 +50,38 @@ def test_gpu_reference_path_is_lossless_in_float32(make_engine, smollm_files):
         assert 0 < engine.stats().spec.acceptance_rate < 1
 
 
+def _same_or_near_tie(reference, prompts, expected, got, label: str) -> int:
+    """How many requests match exactly; any other must first differ where float32 logits nearly tie."""
+    identical = 0
+    for prompt, a, b in zip(prompts, expected, got):
+        if a == b:
+            identical += 1
+            continue
+        t = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        gap = _top2_gap(reference, prompt + a[:t])
+        assert gap < NEAR_TIE, f"{label}: diverged at token {t} of a {len(prompt)}-token prompt where the top-2 gap is {gap:.3f}"
+    print(f"{label}: {identical}/{len(prompts)} requests identical")
+    return identical
+
+
 def test_gpu_flashinfer_speculation_matches_plain_decoding(make_engine, smollm_files):
-    """bf16 on FlashInfer: each request equals plain decoding, or first differs where float32 logits nearly tie."""
+    """bf16 on FlashInfer with CUDA graphs: each request equals plain decoding (eager and graphed), or first differs at a near-tie."""
     tok = smollm_files.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS] + _long_prompts(tok, [3000, 1500, 6000, 800])
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
     kw = dict(device="cuda", num_pages=2048, attention="flashinfer")
-    plain = make_engine(spec=SpecConfig(drafter="none"), **kw).generate(prompts, params)
     reference = make_engine(device="cuda", num_pages=2048, dtype=torch.float32, attention="torch")
+    plain = make_engine(spec=SpecConfig(drafter="none"), enforce_eager=True, **kw).generate(prompts, params)
+    graphed = make_engine(spec=SpecConfig(drafter="none"), **kw)
+    _same_or_near_tie(reference, prompts, plain, graphed.generate(prompts, params), "none, CUDA graphs vs eager")
+    assert {s.kind for s in graphed.runner.graph_shapes} == {"decode"}
     for drafter in ("streaming", "specattn"):
         engine = make_engine(spec=SpecConfig(drafter=drafter, **SPEC), **kw)
-        out = engine.generate(prompts, params)
-        identical = 0
-        for prompt, a, b in zip(prompts, plain, out):
-            if a == b:
-                identical += 1
-                continue
-            t = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-            gap = _top2_gap(reference, prompt + a[:t])
-            assert gap < NEAR_TIE, f"{drafter}: diverged at token {t} of a {len(prompt)}-token prompt where the top-2 gap is {gap:.3f}"
-        print(f"{drafter}: {identical}/{len(prompts)} requests identical to plain decoding")
+        _same_or_near_tie(reference, prompts, plain, engine.generate(prompts, params), f"{drafter} vs plain")
+        assert {"draft", "verify"} <= {s.kind for s in engine.runner.graph_shapes}
         assert 0.3 < engine.stats().spec.acceptance_rate < 1
+    adaptive = make_engine(spec=SpecConfig(drafter="specattn"), **kw)
+    _same_or_near_tie(reference, prompts, plain, adaptive.generate(prompts, params), "adaptive specattn vs plain")
 
 
 def test_gpu_answers_the_capital_question(make_engine, smollm_files):

@@ -84,8 +84,8 @@ def test_backend_extracts_scores_while_verifying():
     assert (scores.scores[0, 1, 20:] == -1).all()  # padding ranks below every real weight
 
 
-def _score_problem(device: str, dtype: torch.dtype, seed: int, lengths: list[int], gammas: list[int], page_size: int = 16):
-    """Random paged K, queries and two scored rows per sequence; the reference scores and the base-2 LSE verification returns."""
+def _score_problem(device: str, dtype: torch.dtype, seed: int, lengths: list[int], gammas: list[int], page_size: int = 16, layers: int = 2):
+    """Random paged K and two scored query rows per sequence and layer; the reference scores and the base-2 LSE verification returns."""
     g = torch.Generator().manual_seed(seed)
     heads, kv_heads, d = 9, 3, 64
     spans = [n + gm for n, gm in zip(lengths, gammas)]  # the last row attends the drafts too
@@ -95,25 +95,23 @@ def _score_problem(device: str, dtype: torch.dtype, seed: int, lengths: list[int
     for n in pages:
         tables.append(perm[start : start + n])
         start += n
-    k_cache = torch.randn((sum(pages) + 3) * page_size, kv_heads, d, generator=g).to(dtype)
-    tokens = sum(gm + 1 for gm in gammas) + 2
-    q = torch.randn(tokens, heads, d, generator=g).to(dtype)
-    rows, row_pos, lse2, ref = [], [], torch.zeros(tokens, heads), []
-    first = 1
-    for n, gm, table in zip(lengths, gammas, tables):
-        rows.append([first, first + gm])
-        row_pos.append([n - 1, n - 1 + gm])
-        first += gm + 1
-        pos = torch.arange(n + gm)
-        k = k_cache[table[pos // page_size] * page_size + pos % page_size].float()
-        mask = pos[None, :] <= torch.tensor(row_pos[-1])[:, None]
-        rq = q[rows[-1]].float()
-        ref.append(verification_scores(rq[None], k[None], mask[None], d**-0.5)[0, :n])
-        logits = torch.einsum("rkgd,nkd->rkgn", rq.reshape(2, kv_heads, 3, d), k).reshape(2, heads, -1) * d**-0.5
-        lse2[rows[-1]] = torch.logsumexp(logits.masked_fill(~mask[:, None], float("-inf")), -1) / math.log(2)
+    k_cache = torch.randn(layers, (sum(pages) + 3) * page_size, kv_heads, d, generator=g).to(dtype)
+    q_rows = torch.randn(layers, len(lengths), 2, heads, d, generator=g).to(dtype)
+    row_pos = [[n - 1, n - 1 + gm] for n, gm in zip(lengths, gammas)]
+    lse2 = torch.zeros(layers, len(lengths), 2, heads)
+    ref = torch.full((layers, len(lengths), max(lengths)), -1.0)
+    for layer in range(layers):
+        for s, (n, gm, table) in enumerate(zip(lengths, gammas, tables)):
+            pos = torch.arange(n + gm)
+            k = k_cache[layer, table[pos // page_size] * page_size + pos % page_size].float()
+            mask = pos[None, :] <= torch.tensor(row_pos[s])[:, None]
+            rq = q_rows[layer, s].float()
+            ref[layer, s, :n] = verification_scores(rq[None], k[None], mask[None], d**-0.5)[0, :n]
+            logits = torch.einsum("rkgd,nkd->rkgn", rq.reshape(2, kv_heads, 3, d), k).reshape(2, heads, -1) * d**-0.5
+            lse2[layer, s] = torch.logsumexp(logits.masked_fill(~mask[:, None], float("-inf")), -1) / math.log(2)
     i32 = dict(dtype=torch.int32, device=device)
     args = (
-        q.to(device), k_cache.to(device), lse2.to(device), torch.tensor(rows, **i32), torch.tensor(row_pos, **i32),
+        q_rows.to(device), lse2.to(device), k_cache.to(device), torch.tensor(row_pos, **i32),
         torch.tensor([0] + list(itertools.accumulate(pages))[:-1], **i32), torch.cat(tables).to(**i32),
         torch.tensor(lengths, **i32),
     )
@@ -122,16 +120,14 @@ def _score_problem(device: str, dtype: torch.dtype, seed: int, lengths: list[int
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_triton_scores_equal_reference(seed):
-    """The Triton kernel (interpreted on CPU) computes the reference's weights from verification's base-2 LSE."""
+    """The Triton kernel (interpreted on CPU) computes the reference's weights from verification's base-2 LSE, all layers in one launch."""
     from specattn.kernels.scores import verification_scores_paged
 
     lengths, gammas = [37, 130, 5], [4, 0, 2]
     args, ref = _score_problem("cpu", torch.float32, seed, lengths, gammas)
-    out = torch.full((3, 140), float("nan"))
+    out = torch.full((2, 3, 130), float("nan"))
     verification_scores_paged(*args, page_size=16, scale=64**-0.5, out=out)
-    for s, n in enumerate(lengths):
-        torch.testing.assert_close(out[s, :n], ref[s], atol=1e-6, rtol=1e-4)
-        assert (out[s, n:] == -1).all()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-4)  # including -1 past each length
 
 
 def test_batched_selection_equals_per_sequence_reference():
@@ -151,11 +147,10 @@ def test_gpu_triton_scores_equal_reference(dtype):
     from specattn.kernels.scores import verification_scores_paged
 
     lengths, gammas = [4096, 8191 - 4, 300, 77], [4, 4, 0, 3]
-    args, ref = _score_problem("cuda", dtype, 7, lengths, gammas)
-    out = torch.full((4, 8191), float("nan"), device="cuda")
+    args, ref = _score_problem("cuda", dtype, 7, lengths, gammas, layers=3)
+    out = torch.full((3, 4, max(lengths)), float("nan"), device="cuda")
     verification_scores_paged(*args, page_size=16, scale=64**-0.5, out=out)
-    for s, n in enumerate(lengths):
-        torch.testing.assert_close(out[s, :n].cpu(), ref[s], atol=2e-4, rtol=2e-2)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-4, rtol=2e-2)
 
 
 @pytest.mark.gpu
