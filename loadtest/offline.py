@@ -146,7 +146,8 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     pages = -(-(context + args.max_tokens + 32) // 16) * batch + 64
                     engine = LLMEngine(
                         EngineConfig(device=device, dtype=DTYPES[args.dtype], spec=spec, cache=CacheConfig(num_pages=pages),
-                                     scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=args.prefill_chunk)),
+                                     scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=args.prefill_chunk
+                                                               or batch * (context + 64))),
                         files,
                     )
                     # warm-up at the same batch size on short prompts: kernels compile and CUDA graphs are captured
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gamma", type=int, default=SpecConfig.gamma)
     p.add_argument("--budget-ratio", type=float, default=SpecConfig.budget_ratio)
     p.add_argument("--min-budget", type=int, default=SpecConfig.min_budget)
-    p.add_argument("--prefill-chunk", type=int, default=8192)
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="prefill token budget per step (default 0: every prompt in the first step, so decoding runs at the full batch)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
     if args.workload == "longgen":

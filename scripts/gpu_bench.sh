@@ -37,7 +37,7 @@ for stage in "$@"; do
       # shellcheck disable=SC2086
       python3 scripts/profile_step.py --out "$out" ${PROFILE_ARGS:-} 2>&1 | grep -v dequantizing | tail -4 ;;
     serve)
-      python3 -m specattn.server.cli serve --port 8123 --num-pages 16384 --max-num-seqs 64 > "$out/serve.log" 2>&1 &
+      python3 -m specattn.server.cli serve --port 8123 --num-pages 20000 --max-num-seqs 64 > "$out/serve.log" 2>&1 &
       pid=$!
       python3 - <<'PY'
 import time, httpx
