@@ -136,7 +136,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: draft ×γ for decoding requests, then one verification/prefill forward, then accept."""
-        t0 = time.perf_counter()
+        t0, graphs_before = time.perf_counter(), len(self.runner.graph_shapes)
         drafting = self.drafter is not None
         chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
         if not chunks:
@@ -198,7 +198,8 @@ class LLMEngine:
             taken = tracker.commit(tokens)
             outputs.append(self._finish(tracker, tokens[:taken]) if req.finish_reason else self._output(tracker, tokens))
         self._refresh_drafts(refreshed, result.scores)
-        if decodes and len(decodes) == len(chunks):  # steps with prefill work say nothing about decode cost
+        # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
+        if decodes and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before:
             self.gamma_controller.record_step_time(len(decodes), gamma, time.perf_counter() - t0)
         return outputs
 

@@ -109,14 +109,16 @@ class DecoderModel:
         for i, w in enumerate(self.layers):
             x = rms_norm(h, w.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, w.qkv, w.qkv_bias)
-            q = qkv[:, :q_out].view(n, c.num_heads, c.head_dim)
-            k = qkv[:, q_out : q_out + kv_out].view(n, c.num_kv_heads, c.head_dim)
+            # q and k heads side by side, so RoPE is one set of kernels (fewer launches per decode step)
+            qk = qkv[:, : q_out + kv_out].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
             v = qkv[:, q_out + kv_out :].view(n, c.num_kv_heads, c.head_dim)
             if w.q_norm is not None:
-                q = rms_norm(q, w.q_norm, c.rms_norm_eps)
-                k = rms_norm(k, w.k_norm, c.rms_norm_eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            o = attention(i, q, k, v.contiguous())
+                qk = torch.cat(
+                    [rms_norm(qk[:, : c.num_heads], w.q_norm, c.rms_norm_eps), rms_norm(qk[:, c.num_heads :], w.k_norm, c.rms_norm_eps)],
+                    dim=1,
+                )
+            qk = apply_rope(qk, cos, sin)
+            o = attention(i, qk[:, : c.num_heads], qk[:, c.num_heads :], v.contiguous())
             h = h + F.linear(o.reshape(n, q_out), w.o_proj)
             x = rms_norm(h, w.post_norm, c.rms_norm_eps)
             gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
