@@ -103,8 +103,8 @@ class AttentionBackend(Protocol):
     def take_scores(self) -> ScoreBatch | None:
         """Scores the last forward extracted, for the sequences that asked."""
 
-    def slots_of(self, seqs: list[int], positions: torch.Tensor) -> torch.Tensor:
-        """Cache slots of positions [layers, len(seqs), k] of the last plan's sequences."""
+    def slots_of(self, seq_indices: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of positions [layers, len(seq_indices), k] of these sequences of the last plan (by step index)."""
 
 
 def _slots(page_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -230,9 +230,9 @@ class TorchAttentionBackend:
         scores = torch.stack([F.pad(per_seq[i], (0, width - per_seq[i].shape[1]), value=-1.0) for i in seqs], dim=1)
         return ScoreBatch(seqs, scores, lengths)
 
-    def slots_of(self, seqs: list[int], positions: torch.Tensor) -> torch.Tensor:
-        """Cache slots of positions [layers, len(seqs), k] of the last plan's sequences (positions past a table clamp)."""
-        tables = self._tables[torch.tensor(seqs, device=self._tables.device)]
+    def slots_of(self, seq_indices: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of positions [layers, len(seq_indices), k] of the last plan's sequences (positions past a table clamp)."""
+        tables = self._tables[torch.tensor(seq_indices, device=self._tables.device)]
         ps = self.cache.page_size
         pos = positions.clamp(max=tables.shape[1] * ps - 1)
         return _slots(tables[None].expand(pos.shape[0], -1, -1), pos, ps)

@@ -130,6 +130,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.attention == "flashinfer" and not (
+            self.device.startswith("cuda") and self.resolved_dtype in (torch.float16, torch.bfloat16)
+        ):
+            raise ValueError("the flashinfer attention backend needs a CUDA device and dtype bfloat16 or float16")
 
     @property
     def resolved_dtype(self) -> torch.dtype:

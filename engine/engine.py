@@ -46,9 +46,9 @@ class LLMEngine:
         dtype = config.resolved_dtype
         self.model = DecoderModel(files.config, files.weights, dtype, config.device)
         self.cache = KVCache(files.config, config.cache, dtype, config.device)
+        self.drafter = make_drafter(config.spec, files.config.num_layers)
         self.runner = ModelRunner(self.model, self._attention_backend())
         self.scheduler = Scheduler(config.scheduler, self.cache.allocator)
-        self.drafter = make_drafter(config.spec, files.config.num_layers)
         self.gamma_controller = GammaController(config.spec.max_gamma, config.spec.adaptive)
         self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
@@ -60,11 +60,14 @@ class LLMEngine:
             from .flashinfer_attention import FlashInferAttentionBackend
 
             spec = self.config.spec
-            # a draft attends its selection plus the positions since it (up to 2γ + 1 after a verification)
-            draft_tokens = token_budget(self.max_context, spec.budget_ratio, spec.min_budget) + 64
+            # a draft attends its selection plus the positions since its anchor: up to 2γ + 1 right after a
+            # verification, one more per plain step in between (past the slack, drafts run without graphs)
+            draft_tokens = token_budget(self.max_context, spec.budget_ratio, spec.min_budget) + 2 * spec.max_gamma + 33
             return FlashInferAttentionBackend(
                 self.cache, scale, self.model_config.num_heads, max_batch=self.config.scheduler.max_num_seqs,
-                max_draft_tokens=draft_tokens, graphs=not self.config.enforce_eager,
+                max_query_len=spec.max_gamma + 1, max_draft_tokens=draft_tokens,
+                needs_scores=self.drafter is not None and self.drafter.needs_scores,
+                graphs=not self.config.enforce_eager,
             )
         return TorchAttentionBackend(self.cache, scale)
 
@@ -232,8 +235,9 @@ class LLMEngine:
         return drafts
 
     def reset_stats(self) -> None:
-        """Forget speculation statistics and the γ controller's measurements (benchmarks call this after a warm-up)."""
+        """Forget speculation statistics, preemption count and the γ controller's measurements (benchmarks call this after a warm-up)."""
         self.spec_stats = SpecStats()
+        self.scheduler.num_preemptions = 0
         self.gamma_controller = GammaController(self.config.spec.max_gamma, self.config.spec.adaptive)
 
     def stats(self) -> EngineStats:

@@ -8,7 +8,8 @@ gathering K/V: FlashInfer reads the paged cache in place. A step is planned as o
 - draft: the decode kernel over the same K/V memory viewed as 1-token pages, whose "page" indices are
   the selected slots plus the recent ones. Indices differ per layer but their counts do not, so one
   plan() serves all layers and each layer only copies its indices into the buffer the plan points at.
-Decode, verify and draft steps of up to the largest batch bucket run from fixed buffers per shape, padded
+Steps whose sequences all have one query (decode, draft) or all the same few queries (verification, or a
+prefill tail of that length), up to the largest batch bucket, run from fixed buffers per shape, padded
 with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.
 SpecAttn's scores need only q·K of two rows per sequence: each layer keeps those rows' queries and
 log-sum-exps, and one Triton launch over all layers turns them into scores after the forward.
@@ -30,6 +31,8 @@ from .kv_cache import KVCache
 
 _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+# GQA group sizes FlashInfer's CUDA-core decode kernel is built for; others need its tensor-core kernel
+_CUDA_CORE_DECODE_GROUPS = (1, 2, 3, 4, 6, 8, 16)
 
 
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
@@ -53,7 +56,17 @@ class _Plan:
 
 
 class FlashInferAttentionBackend:
-    def __init__(self, cache: KVCache, scale: float, num_heads: int, max_batch: int, max_draft_tokens: int, graphs: bool):
+    def __init__(
+        self,
+        cache: KVCache,
+        scale: float,
+        num_heads: int,
+        max_batch: int,
+        max_query_len: int,
+        max_draft_tokens: int,
+        needs_scores: bool,
+        graphs: bool,
+    ):
         import flashinfer  # CUDA installs only (the `gpu` extra)
 
         self._flashinfer = flashinfer
@@ -63,17 +76,23 @@ class FlashInferAttentionBackend:
         self.num_layers, _, self.num_kv_heads, self.head_dim = cache.k.shape
         self.device = cache.k.device
         self._workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        # tensor cores: 15-25 % faster than the CUDA-core decode kernel at batch ≥ 64 (docs/results/kernels-h200.md)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
+        # fa2 everywhere: its log-sum-exp is base 2, which the score kernel expects. Tensor cores for full
+        # attention: 15-25 % faster than the CUDA-core decode kernel at batch ≥ 64 (docs/results/kernels-h200.md)
+        self._draft_tensor_cores = num_heads // self.num_kv_heads not in _CUDA_CORE_DECODE_GROUPS
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True, backend="fa2")
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
-        self._draft = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD")
+        self._draft = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=self._draft_tensor_cores, backend="fa2"
+        )
         self._buckets = [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch] if graphs else []
+        self._max_query_len = min(max_query_len, cache.page_size)  # padding sequences fit on the scratch page
         self._max_draft_tokens = max_draft_tokens  # per sequence, for the fixed draft buffers
+        self._needs_scores = needs_scores  # whether graph shapes keep score rows (only SpecAttn uses them)
         self._graph_plans: dict[GraphShape, _Plan] = {}
         self._plan: _Plan | None = None
         self._scored: list[int] = []
         self._score_args: tuple[torch.Tensor, ...] = ()
-        self._score_rows: torch.Tensor | None = None  # which of the plan's row-sequences are scored (None: the first len(scored))
+        self._scored_index: torch.Tensor | None = None  # which of the plan's row-sequences are scored (None: the first len(scored))
         self._score_lengths: list[int] = []
 
     def _kernel_args(self) -> dict:
@@ -87,7 +106,7 @@ class FlashInferAttentionBackend:
     def _bucket(self, seqs: list[SequenceAttention]) -> int | None:
         """The padded batch a CUDA graph can run these sequences as, or None (eager)."""
         q = seqs[0].num_query
-        if q > self.cache.page_size or any(s.num_query != q or (s.sparse is None) != (seqs[0].sparse is None) for s in seqs):
+        if q > self._max_query_len or any(s.num_query != q or (s.sparse is None) != (seqs[0].sparse is None) for s in seqs):
             return None
         return next((b for b in self._buckets if b >= len(seqs)), None)
 
@@ -113,10 +132,11 @@ class FlashInferAttentionBackend:
             draft_slots = None
         indptr, indices, last_len = torch.zeros(b + 1, **i32), torch.zeros(capacity, **i32), torch.ones(b, **i32)
         wrapper = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=shape.kind != "draft",
+            self._workspace, "NHD", use_cuda_graph=True, backend="fa2",
+            use_tensor_cores=shape.kind != "draft" or self._draft_tensor_cores,
             paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_len,
         )
-        scoring = shape.kind != "draft"
+        scoring = shape.kind != "draft" and self._needs_scores
         plan = _Plan(
             kind=shape.kind,
             wrapper=wrapper,
@@ -142,27 +162,29 @@ class FlashInferAttentionBackend:
         ps = self.cache.page_size
         q = seqs[0].num_query
         pad = 0 if bucket is None else bucket - len(seqs)
-        pages = [-(-s.end_pos // ps) for s in seqs] + [1] * pad
-        indptr = np.zeros(len(pages) + 1, dtype=np.int32)
-        np.cumsum(pages, out=indptr[1:])
-        tables = itertools.chain(
-            itertools.chain.from_iterable(s.page_table[:n] for s, n in zip(seqs, pages)), [self.cache.scratch_page] * pad
+        num_pages = [-(-s.end_pos // ps) for s in seqs] + [1] * pad
+        indptr = np.zeros(len(num_pages) + 1, dtype=np.int32)
+        np.cumsum(num_pages, out=indptr[1:])
+        page_ids = itertools.chain(
+            itertools.chain.from_iterable(s.page_table[:n] for s, n in zip(seqs, num_pages)), [self.cache.scratch_page] * pad
         )
-        indices = torch.from_numpy(np.fromiter(tables, np.int32, count=int(indptr[-1])))
-        last_len = _int32([s.end_pos - (n - 1) * ps for s, n in zip(seqs, pages)] + [q] * pad)
+        indices = torch.from_numpy(np.fromiter(page_ids, np.int32, count=int(indptr[-1])))
+        last_len = _int32([s.end_pos - (n - 1) * ps for s, n in zip(seqs, num_pages)] + [q] * pad)
         dims = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         starts = np.cumsum([0] + [s.num_query for s in seqs])
         self._scored = [i for i, s in enumerate(seqs) if s.score_rows]
+        assert self._needs_scores or not self._scored, "scores asked of a backend built without them"
         shape = None
         if bucket is not None:
             shape = GraphShape("decode" if q == 1 else "verify", bucket, q)
             plan = self._graph_plan(shape)
             plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, q))
-            # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
-            rows = [(s.score_rows * 2)[:2] if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
-            plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]))
+            if plan.rows is not None:
+                # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
+                rows = [(s.score_rows * 2)[:2] if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
+                plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]))
             plan.wrapper.plan(torch.from_numpy(indptr), indices, last_len, *dims, q_len_per_req=q, **self._kernel_args())
-            self._score_rows = None if self._scored == list(range(len(self._scored))) else torch.tensor(self._scored, device=self.device)
+            self._scored_index = None if self._scored == list(range(len(self._scored))) else torch.tensor(self._scored, device=self.device)
         else:
             kind = "decode" if q == 1 and all(s.num_query == 1 for s in seqs) and not self._scored else "prefill"
             dev_indices = indices.to(self.device, non_blocking=True)
@@ -181,7 +203,7 @@ class FlashInferAttentionBackend:
                 plan.q_rows = torch.empty(self.num_layers, len(self._scored), 2, self.num_heads, self.head_dim,
                                           dtype=self.cache.k.dtype, device=self.device)
                 plan.lse_rows = torch.empty(self.num_layers, len(self._scored), 2, self.num_heads, device=self.device)
-            self._score_rows = None
+            self._scored_index = None
         self._plan = plan
         if self._scored:
             row_pos = [[seqs[i].start_pos + r for r in (seqs[i].score_rows * 2)[:2]] for i in self._scored]
@@ -252,8 +274,8 @@ class FlashInferAttentionBackend:
             return None
         plan = self._plan
         q_rows, lse_rows = plan.q_rows, plan.lse_rows
-        if self._score_rows is not None:
-            q_rows, lse_rows = q_rows.index_select(1, self._score_rows), lse_rows.index_select(1, self._score_rows)
+        if self._scored_index is not None:
+            q_rows, lse_rows = q_rows.index_select(1, self._scored_index), lse_rows.index_select(1, self._scored_index)
         else:
             q_rows, lse_rows = q_rows[:, : len(self._scored)], lse_rows[:, : len(self._scored)]
         scores = torch.empty(self.num_layers, len(self._scored), max(self._score_lengths), device=self.device)
@@ -261,9 +283,9 @@ class FlashInferAttentionBackend:
                                   scale=self.scale, out=scores)
         return ScoreBatch(list(self._scored), scores, list(self._score_lengths))
 
-    def slots_of(self, seqs: list[int], positions: torch.Tensor) -> torch.Tensor:
+    def slots_of(self, seq_indices: list[int], positions: torch.Tensor) -> torch.Tensor:
         ps = self.cache.page_size
         plan = self._plan
-        first_page = plan.indptr[torch.tensor(seqs, device=self.device)]
+        first_page = plan.indptr[torch.tensor(seq_indices, device=self.device)]
         page = (first_page[None, :, None] + positions // ps).clamp(max=plan.indices.shape[0] - 1)
         return (plan.indices[page] * ps + positions % ps).to(torch.int32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,11 @@ class ModelRunner:
 
     def run(self, seqs: list[SequenceInput]) -> StepResult:
         """Write every sequence's new K/V into the cache; return the logits (and scores) each sequence asked for."""
+        # CUDA graphs, their memory pool and Triton launch on the thread's current device, which need not be ours
+        with torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext():
+            return self._run(seqs)
+
+    def _run(self, seqs: list[SequenceInput]) -> StepResult:
         shape = self.backend.plan(
             [
                 SequenceAttention(

@@ -17,7 +17,8 @@ import triton.language as tl
 _MIN_ROW_TILE = 16
 
 
-@triton.jit
+# sizes that change every step: no per-value specialization, so Triton does not recompile mid-run
+@triton.jit(do_not_specialize=["num_seqs", "out_len", "stride_ql", "stride_qs", "stride_ll", "stride_ls"])
 def _verification_scores_kernel(
     q_ptr,  # [layers, S, 2, heads, head_dim]: the scored rows' queries
     lse_ptr,  # [layers, S, 2, heads] float32, base 2

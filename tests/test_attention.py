@@ -114,7 +114,9 @@ def _gpu_cache(page_size: int = 16) -> KVCache:
 def _flashinfer(cache: KVCache, graphs: bool):
     from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
 
-    return FlashInferAttentionBackend(cache, 64**-0.5, 9, max_batch=8, max_draft_tokens=2100, graphs=graphs)
+    return FlashInferAttentionBackend(
+        cache, 64**-0.5, 9, max_batch=8, max_query_len=5, max_draft_tokens=2100, needs_scores=True, graphs=graphs
+    )
 
 
 @pytest.mark.gpu

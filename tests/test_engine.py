@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from specattn.engine.config import SpecConfig
+from specattn.engine.config import EngineConfig, SpecConfig
 from specattn.engine.sampling import SamplingParams
 from tests.conftest import CAPITAL_QUESTION
 
@@ -161,3 +162,14 @@ def test_bad_sampling_params_are_refused():
 def test_token_ids_outside_vocabulary_are_refused(engine):
     with pytest.raises(ValueError, match="vocabulary"):
         engine.add_request("bad", [1, 2, 49152], GREEDY)
+
+
+def test_attention_backend_choice():
+    """auto picks the torch reference off CUDA; asking for FlashInfer where it cannot run is a clear error, not an import crash."""
+    assert EngineConfig(device="cpu").resolved_attention == "torch"
+    assert EngineConfig(device="cuda", dtype=torch.float32).resolved_attention == "torch"
+    for kw in (dict(device="cpu"), dict(device="cuda", dtype=torch.float32)):
+        with pytest.raises(ValueError, match="flashinfer attention backend needs a CUDA device"):
+            EngineConfig(attention="flashinfer", **kw)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        EngineConfig(attention="xformers")
