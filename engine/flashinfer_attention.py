@@ -77,7 +77,7 @@ class FlashInferAttentionBackend:
         self.device = cache.k.device
         self._workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # fa2 everywhere: its log-sum-exp is base 2, which the score kernel expects. Tensor cores for full
-        # attention: 15-25 % faster than the CUDA-core decode kernel at batch ≥ 64 (docs/results/kernels-h200.md)
+        # attention: 10-27 % faster than the CUDA-core decode kernel at batch ≥ 64 (docs/results/kernels-h200.md)
         self._draft_tensor_cores = num_heads // self.num_kv_heads not in _CUDA_CORE_DECODE_GROUPS
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True, backend="fa2")
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
