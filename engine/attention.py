@@ -52,6 +52,11 @@ class SequenceAttention:
     def end_pos(self) -> int:
         return self.start_pos + self.num_query
 
+    @property
+    def scored_pair(self) -> tuple[int, int]:
+        """The two scored query rows (a single scored row counts twice, which leaves the mean unchanged)."""
+        return (self.score_rows * 2)[:2]
+
 
 @dataclass
 class ScoreBatch:
@@ -161,7 +166,7 @@ class TorchAttentionBackend:
                 mask = (kv_pos >= 0)[:, :, None, :] & (causal | ~query_valid[None, :, :, None])
                 kv_slots = _slots(tables[members][None], kv_pos, ps)
             scored = [j for j, i in enumerate(members) if seqs[i].score_rows and not sparse]
-            rows = [(seqs[members[j]].score_rows * 2)[:2] for j in scored]
+            rows = [seqs[members[j]].scored_pair for j in scored]
             self._groups.append(
                 _Group(
                     token_index=token_index.to(dev),

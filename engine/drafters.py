@@ -12,6 +12,7 @@ from specattn.kernels.selection import select_critical_tokens_batched
 
 from .attention import ScoreBatch, SparseKV
 from .config import SpecConfig
+from .kv_cache import slot_of
 
 
 @dataclass
@@ -23,7 +24,7 @@ class DraftState:
 
     def attended(self, query_pos: int, page_table: list[int], page_size: int) -> SparseKV:
         """What a draft query at query_pos attends: the selection and every position after the anchor."""
-        recent = [page_table[p // page_size] * page_size + p % page_size for p in range(self.anchor + 1, query_pos + 1)]
+        recent = [slot_of(page_table, p, page_size) for p in range(self.anchor + 1, query_pos + 1)]
         return SparseKV(self.selected, recent)
 
 

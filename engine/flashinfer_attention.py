@@ -27,7 +27,7 @@ import torch
 from specattn.kernels.scores import verification_scores_paged
 
 from .attention import GraphShape, ScoreBatch, SequenceAttention
-from .kv_cache import KVCache
+from .kv_cache import KVCache, slot_of
 
 _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -154,7 +154,7 @@ class FlashInferAttentionBackend:
 
     def _slot_mapping(self, seqs: list[SequenceAttention], pad: int, q: int) -> torch.Tensor:
         ps = self.cache.page_size
-        slots = [s.page_table[p // ps] * ps + p % ps for s in seqs for p in range(s.start_pos, s.end_pos)]
+        slots = [slot_of(s.page_table, p, ps) for s in seqs for p in range(s.start_pos, s.end_pos)]
         slots += [self._scratch_slot + j for _ in range(pad) for j in range(q)]
         return torch.tensor(slots, dtype=torch.long)
 
@@ -181,7 +181,7 @@ class FlashInferAttentionBackend:
             plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, q))
             if plan.rows is not None:
                 # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
-                rows = [(s.score_rows * 2)[:2] if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
+                rows = [s.scored_pair if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
                 plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]))
             plan.wrapper.plan(torch.from_numpy(indptr), indices, last_len, *dims, q_len_per_req=q, **self._kernel_args())
             self._scored_index = None if self._scored == list(range(len(self._scored))) else torch.tensor(self._scored, device=self.device)
@@ -198,7 +198,7 @@ class FlashInferAttentionBackend:
                 self._prefill.plan(qo_indptr, torch.from_numpy(indptr), dev_indices, last_len, *dims, causal=True,
                                    **self._kernel_args())
             if self._scored:
-                rows = [int(starts[i]) + r for i in self._scored for r in (seqs[i].score_rows * 2)[:2]]
+                rows = [int(starts[i]) + r for i in self._scored for r in seqs[i].scored_pair]
                 plan.rows = torch.tensor(rows, device=self.device)
                 plan.q_rows = torch.empty(self.num_layers, len(self._scored), 2, self.num_heads, self.head_dim,
                                           dtype=self.cache.k.dtype, device=self.device)
@@ -206,7 +206,7 @@ class FlashInferAttentionBackend:
             self._scored_index = None
         self._plan = plan
         if self._scored:
-            row_pos = [[seqs[i].start_pos + r for r in (seqs[i].score_rows * 2)[:2]] for i in self._scored]
+            row_pos = [[seqs[i].start_pos + r for r in seqs[i].scored_pair] for i in self._scored]
             self._score_lengths = [seqs[i].score_len for i in self._scored]
             self._score_args = (
                 _int32(row_pos, self.device),

@@ -7,6 +7,11 @@ import torch
 from .config import CacheConfig, ModelConfig
 
 
+def slot_of(page_table: list[int], position: int, page_size: int) -> int:
+    """The cache slot that holds a sequence's token at this position."""
+    return page_table[position // page_size] * page_size + position % page_size
+
+
 class PageAllocator:
     """Fixed-size pages from a free list; every page is either free or owned by exactly one sequence."""
 
