@@ -43,11 +43,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream's add then norm: (rms_norm(x + residual), x + residual); residual None: x starts it."""
+    h = x if residual is None else x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The MLP's silu(gate) * up from the stacked gate/up projection [tokens, 2 * intermediate]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class DecoderModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
+        fused: bool | None = None,
+    ):
+        """fused: the layer's norms, RoPE and SiLU·up as Triton kernels (None: on CUDA, where launches dominate a
+        decode step); otherwise plain torch, so CPU serving never needs Triton. Tests force it on CPU under the
+        Triton interpreter."""
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
+        self.fused = self.device.type == "cuda" if fused is None else fused
+        if self.fused:
+            # imported only here: the torch path has no Triton dependency
+            from specattn.kernels import fused_layer
+
+            self._add_rms_norm, self._rope, self._silu_mul = (
+                fused_layer.add_rms_norm, fused_layer.rope_, fused_layer.silu_mul)
+            self._rms_norm = fused_layer.rms_norm
+        else:
+            self._add_rms_norm, self._rope, self._silu_mul = add_rms_norm, apply_rope, silu_mul
         c = config
 
         def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -105,25 +135,31 @@ class DecoderModel:
         n = input_ids.shape[0]
         q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        h = self.embed[input_ids]
+        # Residual-stream form: `delta` is what a sublayer adds to the residual stream, and each add is folded
+        # into the norm that follows it (one fused kernel on the GPU path; the same math in torch).
+        delta, residual = self.embed[input_ids], None
         for i, w in enumerate(self.layers):
-            x = rms_norm(h, w.input_norm, c.rms_norm_eps)
+            x, residual = self._add_rms_norm(delta, residual, w.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, w.qkv, w.qkv_bias)
             # q and k heads side by side, so RoPE is one set of kernels (fewer launches per decode step)
             qk = qkv[:, : q_out + kv_out].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
             v = qkv[:, q_out + kv_out :].view(n, c.num_kv_heads, c.head_dim)
             if w.q_norm is not None:
-                qk = torch.cat(
-                    [rms_norm(qk[:, : c.num_heads], w.q_norm, c.rms_norm_eps), rms_norm(qk[:, c.num_heads :], w.k_norm, c.rms_norm_eps)],
-                    dim=1,
-                )
-            qk = apply_rope(qk, cos, sin)
+                qk = self._qk_norm(qk, w)
+            qk = self._rope(qk, cos, sin)  # fused: in place on qkv
             o = attention(i, qk[:, : c.num_heads], qk[:, c.num_heads :], v.contiguous())
-            h = h + F.linear(o.reshape(n, q_out), w.o_proj)
-            x = rms_norm(h, w.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w.down)
-        return rms_norm(h, self.final_norm, c.rms_norm_eps)
+            x, residual = self._add_rms_norm(F.linear(o.reshape(n, q_out), w.o_proj), residual, w.post_norm, c.rms_norm_eps)
+            delta = F.linear(self._silu_mul(F.linear(x, w.gate_up)), w.down)
+        return self._add_rms_norm(delta, residual, self.final_norm, c.rms_norm_eps)[0]
+
+    def _qk_norm(self, qk: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        """Qwen3's RMSNorm of each q head (q_norm) and each k head (k_norm)."""
+        h, eps = self.config.num_heads, self.config.rms_norm_eps
+        if self.fused:  # in place on the heads views of qkv: two launches, no copies
+            self._rms_norm(qk[:, :h], w.q_norm, eps, out=qk[:, :h])
+            self._rms_norm(qk[:, h:], w.k_norm, eps, out=qk[:, h:])
+            return qk
+        return torch.cat([rms_norm(qk[:, :h], w.q_norm, eps), rms_norm(qk[:, h:], w.k_norm, eps)], dim=1)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
