@@ -6,10 +6,13 @@ step with γ drafts takes t(γ) seconds of wall time, everything included (draft
 selection, acceptance, bookkeeping). The controller picks the γ with the most tokens per second,
 E(γ) / t(γ); γ = 0 is plain decoding (E = 1), and speculation must beat it by a margin, so noise
 does not make it speculate at a loss. Step times are exponential moving averages per batch-size
-bucket (powers of two); a γ not yet measured is estimated from t(0) plus the steepest per-draft
-slope measured so far (pessimistic). Acceptance is a decayed count per position. Plain decoding is
-measured first, then γ_max once; while plain decoding wins, γ = 1 is probed now and then so that a
-change in the text's predictability is noticed.
+bucket (powers of two). Speculation costs a fixed part (the verification's extra work, scores,
+selection, a sync) plus a part per draft, so t(γ) = t(0) + c + γ·d for γ ≥ 1: an unmeasured γ is
+read off the line through the measured ones (with only one measured, c is taken as 0, which makes
+shorter drafts look cheaper than they are, so they get tried and measured rather than written off).
+Acceptance is a decayed count per position. Plain decoding is measured first, then γ_max once;
+while plain decoding wins, the most promising γ is probed now and then (only if speculation could
+win with every draft accepted) so that a change in the text's predictability is noticed.
 """
 
 from __future__ import annotations
@@ -62,18 +65,31 @@ class GammaController:
         times = self._step_time.setdefault(_bucket(batch_size), {})
         if 0 not in times:
             return 0
-        measured = [g for g in times if g > 0]
-        if not measured:
+        if not any(g > 0 for g in times):
             return self.max_gamma
-        slope = max((times[g] - times[0]) / g for g in measured)
-        best, best_rate = 0, _MARGIN / times[0]
-        for g in range(1, self.max_gamma + 1):
-            rate = self.expected_tokens(g) / times.get(g, times[0] + g * slope)
-            if rate > best_rate:
-                best, best_rate = g, rate
-        if best == 0 and self._steps % _PROBE_EVERY == 0:
-            return 1
-        return best
+        cost = self._step_cost(times)
+        rates = {g: self.expected_tokens(g) / cost(g) for g in range(1, self.max_gamma + 1)}
+        best = max(rates, key=rates.get)
+        if rates[best] > _MARGIN / times[0]:
+            return best
+        # probe only where speculation could win at all: if every draft were accepted
+        could_win = any((g + 1) / cost(g) > 1 / times[0] for g in rates)
+        return best if could_win and self._steps % _PROBE_EVERY == 0 else 0
+
+    @staticmethod
+    def _step_cost(times: dict[int, float]):
+        """t(γ) for γ ≥ 1: measured where it was, else on the least-squares line t(0) + c + γ·d through the measured γ."""
+        points = [(g, t) for g, t in times.items() if g > 0]
+        if len(points) == 1:
+            (g1, t1), = points
+            intercept, slope = times[0], max(0.0, (t1 - times[0]) / g1)
+        else:
+            mean_g = sum(g for g, _ in points) / len(points)
+            mean_t = sum(t for _, t in points) / len(points)
+            slope = sum((g - mean_g) * (t - mean_t) for g, t in points) / sum((g - mean_g) ** 2 for g, _ in points)
+            slope = max(0.0, slope)
+            intercept = max(times[0], mean_t - slope * mean_g)
+        return lambda g: times.get(g, intercept + slope * g)
 
     def record_step_time(self, batch_size: int, gamma: int, seconds: float) -> None:
         """Wall time of a step in which batch_size requests decoded (and nothing else ran)."""

@@ -8,7 +8,7 @@ exactly the cache slots it is given, per layer (all of them precede it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -28,12 +28,19 @@ class SparseKV:
     """What a draft query attends to: per layer its selection's cache slots, plus the slots of recent positions."""
 
     selected: torch.Tensor  # [layers, k] cache slots, on the cache's device
-    recent: list[int]  # slots of every position after the selection's anchor, up to and including the query
+    anchor: int  # the selection covers positions ≤ anchor; every later position is recent
+    # slots of positions anchor + 1, anchor + 2, ... up to at least the query (a chain of drafts: up to its last query)
+    recent: list[int]
 
-    def slots(self) -> torch.Tensor:
-        """[layers, k + recent] every slot each layer attends."""
-        recent = torch.tensor(self.recent, dtype=self.selected.dtype, device=self.selected.device)
-        return torch.cat([self.selected, recent.expand(self.selected.shape[0], -1)], dim=1)
+    def num_recent(self, query_pos: int) -> int:
+        """How many recent slots a query at this position attends (the positions after the anchor, itself included)."""
+        return query_pos - self.anchor
+
+    def slots(self, query_pos: int) -> torch.Tensor:
+        """[layers, k + recent] every slot each layer attends for a query at query_pos."""
+        recent = self.recent[: self.num_recent(query_pos)]
+        recent_t = torch.tensor(recent, dtype=self.selected.dtype, device=self.selected.device)
+        return torch.cat([self.selected, recent_t.expand(self.selected.shape[0], -1)], dim=1)
 
 
 @dataclass
@@ -86,6 +93,7 @@ class GraphShape:
     kind: str  # decode | verify | draft
     batch: int
     query_len: int
+    steps: int = 1  # draft: forwards chained in the graph, each fed the one before's greedy tokens
 
     @property
     def num_tokens(self) -> int:
@@ -104,6 +112,10 @@ class AttentionBackend(Protocol):
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this layer's new K/V into the cache and return the attention output."""
+
+    def next_draft(self) -> None:
+        """Move every sequence of a planned draft step one position on: the next draft of a chain attends one
+        more recent slot and writes its K/V one slot further. Device work only (a chain can be one CUDA graph)."""
 
     def take_scores(self) -> ScoreBatch | None:
         """Scores the last forward extracted, for the sequences that asked."""
@@ -128,6 +140,7 @@ class TorchAttentionBackend:
         self._groups: list[_Group] = []
         self._scores: list[list[torch.Tensor]] = []  # per group, per layer: [S, K]
         self._score_lens: dict[int, int] = {}
+        self._drafts: list[SequenceAttention] = []  # the planned step, if it is a draft step
 
     def plan(self, seqs: list[SequenceAttention]) -> GraphShape | None:
         dev = self.cache.k.device
@@ -153,7 +166,7 @@ class TorchAttentionBackend:
             query_valid = q_off[None, :] < n_q[:, None]
             token_index = torch.where(query_valid, torch.tensor([starts[i] for i in members])[:, None] + q_off, 0)
             if sparse:
-                kv_slots, kv_valid = self._pad_stack([seqs[i].sparse.slots().cpu() for i in members])  # [L, B, K]
+                kv_slots, kv_valid = self._pad_stack([seqs[i].sparse.slots(seqs[i].start_pos).cpu() for i in members])  # [L, B, K]
                 mask = kv_valid[:, :, None, :]
             else:
                 q_pos = torch.tensor([seqs[i].start_pos for i in members])[:, None] + q_off  # [B, Q]
@@ -181,7 +194,13 @@ class TorchAttentionBackend:
             )
         self._scores = [[] for _ in self._groups]
         self._score_lens = {i: s.score_len for i, s in enumerate(seqs) if s.score_rows}
+        self._drafts = seqs if all(s.sparse is not None for s in seqs) else []
         return None
+
+    def next_draft(self) -> None:
+        # the reference re-plans on the host (it never runs as a CUDA graph)
+        assert self._drafts, "next_draft() needs a planned draft step"
+        self.plan([replace(s, start_pos=s.start_pos + 1) for s in self._drafts])
 
     @staticmethod
     def _page_tables(seqs: list[SequenceAttention]) -> torch.Tensor:

@@ -22,10 +22,10 @@ class DraftState:
     anchor: int  # first query position of the last verification (after prefill: the last prompt position)
     selected: torch.Tensor  # [layers, k] cache slots of the selected positions (≤ anchor)
 
-    def attended(self, query_pos: int, page_table: list[int], page_size: int) -> SparseKV:
-        """What a draft query at query_pos attends: the selection and every position after the anchor."""
-        recent = [slot_of(page_table, p, page_size) for p in range(self.anchor + 1, query_pos + 1)]
-        return SparseKV(self.selected, recent)
+    def attended(self, last_query_pos: int, page_table: list[int], page_size: int) -> SparseKV:
+        """What drafts up to last_query_pos attend: the selection and every position after the anchor."""
+        recent = [slot_of(page_table, p, page_size) for p in range(self.anchor + 1, last_query_pos + 1)]
+        return SparseKV(self.selected, self.anchor, recent)
 
 
 @dataclass

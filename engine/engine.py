@@ -7,6 +7,8 @@ import itertools
 import time
 from dataclasses import dataclass
 
+import torch
+
 from specattn.kernels.reference import token_budget
 
 from .acceptance import accept_drafts
@@ -22,6 +24,10 @@ from .runner import ModelRunner, SequenceInput
 from .sampling import SamplingParams, choose_tokens
 from .scheduler import ScheduledChunk, Scheduler
 from .stopping import OutputTracker
+
+# A selection this many positions old is renewed by the request's next plain step (which then scores its
+# query): drafts after long stretches of plain decoding stay current and within the graphs' recent slots.
+_REFRESH_AFTER = 16
 
 
 @dataclass
@@ -60,12 +66,13 @@ class LLMEngine:
             from .flashinfer_attention import FlashInferAttentionBackend
 
             spec = self.config.spec
-            # a draft attends its selection plus the positions since its anchor: up to 2γ + 1 right after a
-            # verification, one more per plain step in between (past the slack, drafts run without graphs)
-            draft_tokens = token_budget(self.max_context, spec.budget_ratio, spec.min_budget) + 2 * spec.max_gamma + 33
             return FlashInferAttentionBackend(
                 self.cache, scale, self.model_config.num_heads, max_batch=self.config.scheduler.max_num_seqs,
-                max_query_len=spec.max_gamma + 1, max_draft_tokens=draft_tokens,
+                max_query_len=spec.max_gamma + 1,
+                max_draft_selected=token_budget(self.max_context, spec.budget_ratio, spec.min_budget),
+                # a chain of drafts attends the positions since its anchor: up to 2γ right after a
+                # verification, up to _REFRESH_AFTER + 2γ after plain steps
+                max_draft_recent=_REFRESH_AFTER + 2 * spec.max_gamma,
                 needs_scores=self.drafter is not None and self.drafter.needs_scores,
                 graphs=not self.config.enforce_eager,
             )
@@ -159,8 +166,9 @@ class LLMEngine:
             draft = drafts.get(req.request_id)
             tokens = req.token_slice(c.start, c.start + c.num_tokens) + (draft or [])
             # a new selection after prefill and after each speculative verification; plain (γ = 0)
-            # steps keep the old one, which stays valid because every later position counts as recent
-            refresh = drafting and c.completes_sequence and (draft is not None or c.request.draft is None)
+            # steps keep the old one (every later position counts as recent) until it is stale
+            stale = req.draft is not None and c.start - req.draft.anchor >= _REFRESH_AFTER
+            refresh = drafting and c.completes_sequence and (draft is not None or req.draft is None or stale)
             scored = refresh and self.drafter.needs_scores
             refreshes.append(refresh)
             seqs.append(
@@ -217,22 +225,26 @@ class LLMEngine:
                 req.draft = DraftState(anchor, slots[:, j, :k])
 
     def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> dict[str, list[int]]:
-        """γ sequential sparse forwards for all decoding requests at once; each sees only its draft positions."""
-        drafts: dict[str, list[int]] = {c.request.request_id: [] for c in chunks}
-        for j in range(gamma):
-            seqs = []
-            for c in chunks:
-                req, pos = c.request, c.start + j
-                last = drafts[req.request_id][-1] if j else req.token_slice(pos, pos + 1)[0]
-                sparse = req.draft.attended(pos, req.page_table, self.cache.page_size)
-                seqs.append(SequenceInput([last], pos, req.page_table, 1, sparse=sparse))
-            result = self.runner.run(seqs)
-            for c, logits, argmax in zip(chunks, result.logits, result.argmax):
-                req = c.request
-                # the same rule, and for sampling the same noise, the verification will use at this position
-                token = argmax[-1] if req.params.greedy else choose_tokens(logits, req.params, req.seed, c.start + j + 1)[-1]
-                drafts[req.request_id].append(token)
-        return drafts
+        """γ chained sparse forwards for all decoding requests at once; each sees only its draft positions."""
+        seqs = [
+            SequenceInput(
+                c.request.token_slice(c.start, c.start + 1), c.start, c.request.page_table, 1,
+                sparse=c.request.draft.attended(c.start + gamma - 1, c.request.page_table, self.cache.page_size),
+            )
+            for c in chunks
+        ]
+
+        def choose(j: int, logits: torch.Tensor) -> list[int]:
+            # the same rule, and for sampling the same noise, the verification will use at this position
+            greedy = logits.argmax(dim=-1).tolist()
+            return [
+                g if c.request.params.greedy else choose_tokens(row[None], c.request.params, c.request.seed, c.start + j + 1)[0]
+                for c, row, g in zip(chunks, logits, greedy)
+            ]
+
+        greedy = all(c.request.params.greedy for c in chunks)
+        tokens = self.runner.run_drafts(seqs, gamma, None if greedy else choose)
+        return {c.request.request_id: t for c, t in zip(chunks, tokens)}
 
     def reset_stats(self) -> None:
         """Forget speculation statistics, preemption count and the γ controller's measurements (benchmarks call this after a warm-up)."""

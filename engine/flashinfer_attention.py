@@ -5,9 +5,9 @@ gathering K/V: FlashInfer reads the paged cache in place. A step is planned as o
 - decode (every sequence one query) and verify (every sequence γ+1 queries, causal): FlashInfer's
   tensor-core decode kernel over 16-token pages; it also returns each row's log-sum-exp;
 - prefill (any mix of query counts, causal): the fa2 prefill kernel, also with log-sum-exp;
-- draft: the decode kernel over the same K/V memory viewed as 1-token pages, whose "page" indices are
-  the selected slots plus the recent ones. Indices differ per layer but their counts do not, so one
-  plan() serves all layers and each layer only copies its indices into the buffer the plan points at.
+- draft: a Triton kernel (`kernels.draft_attention`) reading K/V at the selected slots plus the recent
+  ones. It needs no plan(): what each sequence reads sits in device tensors, and the next draft of a
+  chain only counts one more recent slot (`next_draft`, on the device), so γ drafts are one CUDA graph.
 Steps whose sequences all have one query (decode, draft) or all the same few queries (verification, or a
 prefill tail of that length), up to the largest batch bucket, run from fixed buffers per shape, padded
 with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.scores import verification_scores_paged
 
 from .attention import GraphShape, ScoreBatch, SequenceAttention
@@ -31,8 +32,6 @@ from .kv_cache import KVCache, slot_of
 
 _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-# GQA group sizes FlashInfer's CUDA-core decode kernel is built for; others need its tensor-core kernel
-_CUDA_CORE_DECODE_GROUPS = (1, 2, 3, 4, 6, 8, 16)
 
 
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
@@ -42,17 +41,30 @@ def _int32(values, device: torch.device | None = None) -> torch.Tensor:
 
 @dataclass
 class _Plan:
-    """What a forward's per-layer calls read. Fixed buffers reused by every step of a graph shape, or one eager step's own."""
+    """What a full-attention forward's per-layer calls read. Fixed buffers reused by every step of a graph shape, or one eager step's own."""
 
-    kind: str  # decode | verify | draft | prefill
+    kind: str  # decode | verify | prefill
     wrapper: Any
     slot_mapping: torch.Tensor  # cache slot of each new token
-    indices: torch.Tensor  # page (draft: slot) indices the wrapper reads
+    indices: torch.Tensor  # page indices the wrapper reads
     indptr: torch.Tensor  # [batch + 1] on the device: where each sequence's indices start
-    draft_slots: torch.Tensor | None = None  # draft: [layers, ≥ nnz] each layer's indices
     rows: torch.Tensor | None = None  # [2 · sequences] token index of the two scored rows of each (scoring plans)
     q_rows: torch.Tensor | None = None  # [layers, sequences, 2, heads, d] written by the forward
     lse_rows: torch.Tensor | None = None  # [layers, sequences, 2, heads]
+
+
+@dataclass
+class _DraftPlan:
+    """What a draft forward's per-layer calls read, all on the device (fixed per graph shape, or one eager step's own)."""
+
+    selected: torch.Tensor  # [layers, ≥ Σ k] int32: every sequence's selected slots, one after the other
+    sel_indptr: torch.Tensor  # [batch + 1] int32: where each sequence's selected slots start
+    recent: torch.Tensor  # [batch, width] int32: slots after each anchor, padded with the scratch slot
+    counts: torch.Tensor  # [batch] int32: recent slots the current draft attends (the last is its own)
+    slot_mapping: torch.Tensor  # [batch] int64: where the current draft writes its K/V (recent[counts − 1])
+
+    def point_writes(self) -> None:
+        self.slot_mapping.copy_(self.recent.gather(1, self.counts.long()[:, None] - 1)[:, 0])
 
 
 class FlashInferAttentionBackend:
@@ -63,7 +75,8 @@ class FlashInferAttentionBackend:
         num_heads: int,
         max_batch: int,
         max_query_len: int,
-        max_draft_tokens: int,
+        max_draft_selected: int,
+        max_draft_recent: int,
         needs_scores: bool,
         graphs: bool,
     ):
@@ -78,18 +91,16 @@ class FlashInferAttentionBackend:
         self._workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # fa2 everywhere: its log-sum-exp is base 2, which the score kernel expects. Tensor cores for full
         # attention: 10-27 % faster than the CUDA-core decode kernel at batch ≥ 64 (docs/results/kernels-h200.md)
-        self._draft_tensor_cores = num_heads // self.num_kv_heads not in _CUDA_CORE_DECODE_GROUPS
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True, backend="fa2")
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
-        self._draft = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_tensor_cores=self._draft_tensor_cores, backend="fa2"
-        )
         self._buckets = [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch] if graphs else []
         self._max_query_len = min(max_query_len, cache.page_size)  # padding sequences fit on the scratch page
-        self._max_draft_tokens = max_draft_tokens  # per sequence, for the fixed draft buffers
+        # per sequence, for the fixed draft buffers: selected slots, and recent slots of a whole chain
+        self._max_draft_selected = max_draft_selected
+        self._max_draft_recent = max_draft_recent
         self._needs_scores = needs_scores  # whether graph shapes keep score rows (only SpecAttn uses them)
-        self._graph_plans: dict[GraphShape, _Plan] = {}
-        self._plan: _Plan | None = None
+        self._graph_plans: dict[GraphShape, _Plan | _DraftPlan] = {}
+        self._plan: _Plan | _DraftPlan | None = None
         self._scored: list[int] = []
         self._score_args: tuple[torch.Tensor, ...] = ()
         self._scored_index: torch.Tensor | None = None  # which of the plan's row-sequences are scored (None: the first len(scored))
@@ -118,32 +129,25 @@ class FlashInferAttentionBackend:
         return self._plan_full(seqs, bucket)
 
     def _graph_plan(self, shape: GraphShape) -> _Plan:
-        """The fixed buffers and CUDA-graph-mode wrapper of one shape, made on its first use."""
+        """The fixed buffers and CUDA-graph-mode wrapper of one full-attention shape, made on its first use."""
         plan = self._graph_plans.get(shape)
         if plan is not None:
             return plan
         dev, b, q = self.device, shape.batch, shape.query_len
         i32 = dict(dtype=torch.int32, device=dev)
-        if shape.kind == "draft":
-            capacity = b * self._max_draft_tokens
-            draft_slots = torch.full((self.num_layers, capacity), self._scratch_slot, **i32)
-        else:
-            capacity = self.cache.allocator.num_pages + b
-            draft_slots = None
+        capacity = self.cache.allocator.num_pages + b
         indptr, indices, last_len = torch.zeros(b + 1, **i32), torch.zeros(capacity, **i32), torch.ones(b, **i32)
         wrapper = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_cuda_graph=True, backend="fa2",
-            use_tensor_cores=shape.kind != "draft" or self._draft_tensor_cores,
+            self._workspace, "NHD", use_cuda_graph=True, backend="fa2", use_tensor_cores=True,
             paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_len,
         )
-        scoring = shape.kind != "draft" and self._needs_scores
+        scoring = self._needs_scores
         plan = _Plan(
             kind=shape.kind,
             wrapper=wrapper,
             slot_mapping=torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev),
             indices=indices,
             indptr=indptr,
-            draft_slots=draft_slots,
             rows=torch.zeros(2 * b, dtype=torch.long, device=dev) if scoring else None,
             q_rows=torch.zeros(self.num_layers, b, 2, self.num_heads, self.head_dim, dtype=self.cache.k.dtype, device=dev)
             if scoring else None,
@@ -216,47 +220,59 @@ class FlashInferAttentionBackend:
             )
         return shape
 
+    def _draft_plan(self, batch: int, capacity: int, width: int) -> _DraftPlan:
+        i32 = dict(dtype=torch.int32, device=self.device)
+        return _DraftPlan(
+            selected=torch.zeros(self.num_layers, capacity, **i32),
+            sel_indptr=torch.zeros(batch + 1, **i32),
+            recent=torch.full((batch, width), self._scratch_slot, **i32),
+            counts=torch.ones(batch, **i32),
+            slot_mapping=torch.full((batch,), self._scratch_slot, dtype=torch.long, device=self.device),
+        )
+
     def _plan_drafts(self, seqs: list[SequenceAttention], bucket: int | None) -> GraphShape | None:
         assert all(s.sparse is not None and s.num_query == 1 for s in seqs), "a step is all drafts or all full attention"
         self._scored = []
-        counts = [s.sparse.selected.shape[1] + len(s.sparse.recent) for s in seqs]
-        if bucket is not None and sum(counts) + bucket > bucket * self._max_draft_tokens:
-            bucket = None  # more recent tokens than the fixed buffers hold (after many plain steps): run eagerly
-        pad = 0 if bucket is None else bucket - len(seqs)
-        recent = _int32([slot for s in seqs for slot in s.sparse.recent], self.device)
-        parts = []
-        for s, r in zip(seqs, recent.split([len(s.sparse.recent) for s in seqs])):
-            parts += [s.sparse.selected, r.expand(self.num_layers, -1)]
-        slots = torch.cat(parts, dim=1)
-        nnz = slots.shape[1]
-        indptr = _int32(np.cumsum([0] + counts + [1] * pad))
-        last_len = _int32(np.ones(len(seqs) + pad))
-        dims = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
+        selected = torch.cat([s.sparse.selected for s in seqs], dim=1)
+        width = max(len(s.sparse.recent) for s in seqs)
+        if bucket is not None and (width > self._max_draft_recent or selected.shape[1] > bucket * self._max_draft_selected):
+            bucket = None  # more than the fixed buffers hold (e.g. many plain steps since the anchor): run eagerly
         if bucket is None:
-            indices = torch.empty(nnz, dtype=torch.int32, device=self.device)
-            self._plan = _Plan("draft", self._draft, self._slot_mapping(seqs, 0, 1).to(self.device, non_blocking=True),
-                               indices, indptr.to(self.device), draft_slots=slots)
-            # refilled per layer; plan() keeps this tensor, not a copy
-            self._draft.plan(indptr, indices, last_len, *dims, **self._kernel_args())
-            return None
-        shape = GraphShape("draft", bucket, 1)
-        plan = self._graph_plan(shape)
-        plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, 1))
-        plan.draft_slots[:, :nnz].copy_(slots)
-        plan.draft_slots[:, nnz : nnz + pad].fill_(self._scratch_slot)
-        plan.wrapper.plan(indptr, plan.indices[: nnz + pad], last_len, *dims, **self._kernel_args())
+            shape, batch = None, len(seqs)
+            plan = self._draft_plan(batch, selected.shape[1], width)
+        else:
+            shape, batch = GraphShape("draft", bucket, 1), bucket
+            plan = self._graph_plans.get(shape) or self._graph_plans.setdefault(
+                shape, self._draft_plan(bucket, bucket * self._max_draft_selected, self._max_draft_recent)
+            )
+        pad = batch - len(seqs)
+        recent = np.full(tuple(plan.recent.shape), self._scratch_slot, dtype=np.int32)
+        for row, s in zip(recent, seqs):
+            row[: len(s.sparse.recent)] = s.sparse.recent
+        plan.selected[:, : selected.shape[1]].copy_(selected)
+        plan.sel_indptr.copy_(_int32(np.cumsum([0] + [s.sparse.selected.shape[1] for s in seqs] + [0] * pad)))
+        plan.recent.copy_(torch.from_numpy(recent))
+        plan.counts.copy_(_int32([s.sparse.num_recent(s.start_pos) for s in seqs] + [1] * pad))
+        plan.point_writes()
         self._plan = plan
         return shape
+
+    def next_draft(self) -> None:
+        plan = self._plan
+        assert isinstance(plan, _DraftPlan), "next_draft() needs a planned draft step"
+        plan.counts += 1
+        plan.point_writes()
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         plan = self._plan
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         k_cache[plan.slot_mapping] = k
         v_cache[plan.slot_mapping] = v
+        if isinstance(plan, _DraftPlan):
+            return sparse_draft_attention(
+                q, k_cache, v_cache, plan.selected[layer], plan.sel_indptr, plan.recent, plan.counts, self.scale
+            )
         q = q.contiguous()
-        if plan.kind == "draft":
-            plan.indices.copy_(plan.draft_slots[layer, : plan.indices.shape[0]])
-            return plan.wrapper.run(q, (k_cache.unsqueeze(1), v_cache.unsqueeze(1)))
         paged = (
             k_cache.view(-1, self.cache.page_size, self.num_kv_heads, self.head_dim),
             v_cache.view(-1, self.cache.page_size, self.num_kv_heads, self.head_dim),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,7 +18,7 @@ class SequenceInput:
     start_pos: int
     page_table: list[int]
     num_logits: int  # logits for this many trailing tokens (0 for a prefill chunk that is not the last)
-    sparse: SparseKV | None = None  # a draft: the cache slots its one token attends to
+    sparse: SparseKV | None = None  # a draft: the cache slots its one token (and the drafts after it) attend to
     score_rows: tuple[int, ...] = ()  # rows (indices into token_ids) whose attention weights to return
     score_len: int = 0  # ... over cache positions [0, score_len)
 
@@ -29,15 +30,19 @@ class StepResult:
     scores: ScoreBatch | None  # attention scores of the sequences that asked
 
 
+# picks draft j's token of every sequence from its logits [sequences, vocab] (sampling: on the host)
+DraftChooser = Callable[[int, torch.Tensor], list[int]]
+
+
 @dataclass
 class _CapturedStep:
-    """One CUDA graph of a whole forward (embedding to logits and argmax) over fixed input buffers."""
+    """One CUDA graph of a whole forward (embedding to logits and argmax), or a chain of draft forwards, over fixed input buffers."""
 
     graph: torch.cuda.CUDAGraph
     input_ids: torch.Tensor
     positions: torch.Tensor
-    logits: torch.Tensor  # [tokens, vocab]: every row, padding included
-    argmax: torch.Tensor
+    logits: torch.Tensor | None  # [tokens, vocab]: every row, padding included (None for a draft chain)
+    argmax: torch.Tensor  # [tokens] (a draft chain: [sequences, steps])
 
 
 class ModelRunner:
@@ -58,15 +63,76 @@ class ModelRunner:
         with torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext():
             return self._run(seqs)
 
-    def _run(self, seqs: list[SequenceInput]) -> StepResult:
-        shape = self.backend.plan(
-            [
-                SequenceAttention(
-                    len(s.token_ids), s.start_pos, s.page_table, s.sparse, s.score_rows, s.score_len
-                )
-                for s in seqs
-            ]
+    def run_drafts(self, seqs: list[SequenceInput], steps: int, choose: DraftChooser | None) -> list[list[int]]:
+        """`steps` chained draft forwards (each sequence one token, sparse): draft j's input is draft j−1's token.
+
+        choose None: greedy, the chain stays on the device (one CUDA graph when the batch fits one, one sync);
+        otherwise choose(j, logits) picks each draft's tokens on the host.
+        """
+        with torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext():
+            return self._run_drafts(seqs, steps, choose)
+
+    def _run_drafts(self, seqs: list[SequenceInput], steps: int, choose: DraftChooser | None) -> list[list[int]]:
+        assert all(s.sparse is not None and len(s.token_ids) == 1 for s in seqs)
+        shape = self._plan(seqs)
+        dev, n = self.model.device, len(seqs)
+        ids = [s.token_ids[0] for s in seqs]
+        positions = [s.start_pos for s in seqs]
+        if shape is not None:
+            pad = shape.batch - n
+            ids, positions = ids + [0] * pad, positions + [0] * pad
+        if choose is None:
+            if shape is None:
+                tokens = self._draft_chain(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev), steps)
+            else:
+                key = replace(shape, steps=steps)
+                step = self._graphs.get(key) or self._capture(key, ids, positions, seqs)
+                step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
+                step.positions.copy_(torch.tensor(positions), non_blocking=True)
+                step.graph.replay()
+                tokens = step.argmax
+            return tokens[:n].tolist()
+        drafts: list[list[int]] = [[] for _ in seqs]
+        for j in range(steps):
+            if j:
+                self.backend.next_draft()
+            logits, _ = self._forward(shape, seqs, ids, [p + j for p in positions])
+            chosen = choose(j, logits[:n])
+            for d, t in zip(drafts, chosen):
+                d.append(t)
+            ids[:n] = chosen
+        return drafts
+
+    def _draft_chain(self, input_ids: torch.Tensor, positions: torch.Tensor, steps: int) -> torch.Tensor:
+        """[sequences, steps] greedy draft tokens, every draft fed the one before's token, all on the device."""
+        tokens = []
+        for j in range(steps):
+            if j:
+                self.backend.next_draft()
+            input_ids = self._forward_logits(input_ids, positions + j)[1]
+            tokens.append(input_ids)
+        return torch.stack(tokens, dim=1)
+
+    def _plan(self, seqs: list[SequenceInput]) -> GraphShape | None:
+        return self.backend.plan(
+            [SequenceAttention(len(s.token_ids), s.start_pos, s.page_table, s.sparse, s.score_rows, s.score_len) for s in seqs]
         )
+
+    def _forward(
+        self, shape: GraphShape | None, seqs: list[SequenceInput], ids: list[int], positions: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and argmax of every token of a planned step (a CUDA graph's: padding rows included)."""
+        dev = self.model.device
+        if shape is None:
+            return self._forward_logits(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev))
+        step = self._graphs.get(shape) or self._capture(shape, ids, positions, seqs)
+        step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
+        step.positions.copy_(torch.tensor(positions), non_blocking=True)
+        step.graph.replay()
+        return step.logits, step.argmax
+
+    def _run(self, seqs: list[SequenceInput]) -> StepResult:
+        shape = self._plan(seqs)
         dev = self.model.device
         ids = [t for s in seqs for t in s.token_ids]
         positions = [p for s in seqs for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
@@ -84,11 +150,8 @@ class ModelRunner:
             pad = shape.num_tokens - len(ids)
             ids += [0] * pad
             positions += list(range(shape.query_len)) * (pad // shape.query_len)
-            step = self._graphs.get(shape) or self._capture(shape, ids, positions)
-            step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
-            step.positions.copy_(torch.tensor(positions), non_blocking=True)
-            step.graph.replay()
-            logits, greedy = step.logits[row_index], step.argmax[row_index]
+            logits, greedy = self._forward(shape, seqs, ids, positions)
+            logits, greedy = logits[row_index], greedy[row_index]
         sizes = [s.num_logits for s in seqs]
         tokens = iter(greedy.tolist())
         argmax = [[next(tokens) for _ in range(n)] for n in sizes]
@@ -98,21 +161,29 @@ class ModelRunner:
         logits = self.model.logits(self.model.forward(input_ids, positions, self.backend))
         return logits, logits.argmax(dim=-1)
 
-    def _capture(self, shape: GraphShape, ids: list[int], positions: list[int]) -> _CapturedStep:
-        """Record this shape's forward as a CUDA graph (the backend has planned it: its fixed buffers hold this step)."""
+    def _capture(self, shape: GraphShape, ids: list[int], positions: list[int], seqs: list[SequenceInput]) -> _CapturedStep:
+        """Record this shape's forward (or draft chain) as a CUDA graph; the backend has planned `seqs` into its fixed buffers."""
         dev = self.model.device
         input_ids, pos = torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
+
+        def forward() -> tuple[torch.Tensor | None, torch.Tensor]:
+            if shape.steps > 1:
+                return None, self._draft_chain(input_ids, pos, shape.steps)
+            return self._forward_logits(input_ids, pos)
+
         # one eager run first, on a side stream as graph capture wants: lazy inits and kernel compiles happen there
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            self._forward_logits(input_ids, pos)
+            forward()
         torch.cuda.current_stream(dev).wait_stream(side)
+        if shape.steps > 1:
+            self._plan(seqs)  # the eager chain moved the drafts on: back to the first
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits, argmax = self._forward_logits(input_ids, pos)
+            logits, argmax = forward()
         step = _CapturedStep(graph, input_ids, pos, logits, argmax)
         self._graphs[shape] = step
         return step

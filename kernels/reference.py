@@ -34,3 +34,20 @@ def token_budget(length: int, ratio: float, min_tokens: int) -> int:
 def select_critical_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per layer, the k highest-scoring positions in increasing order. scores: [layers, length] → [layers, k]."""
     return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def sparse_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: list[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """Each sequence's one query attending exactly the cache slots it is given (a draft's selected + recent).
+
+    q: [B, heads, d]; k_cache, v_cache: [slots, kv_heads, d]; slots: B int tensors. Returns [B, heads, d].
+    """
+    out = []
+    for qb, sb in zip(q, slots):
+        k, v = k_cache[sb.long()].transpose(0, 1), v_cache[sb.long()].transpose(0, 1)  # [kv_heads, K, d]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qb[:, None].float(), k.float(), v.float(), scale=scale, enable_gqa=True
+        )
+        out.append(o[:, 0].to(q.dtype))
+    return torch.stack(out)

@@ -23,7 +23,7 @@ for stage in "$@"; do
   start=$(date +%s)
   case $stage in
     tests)
-      python3 -m pytest -q -s -m gpu tests/test_kernels.py tests/test_attention.py tests/test_gpu.py -p no:cacheprovider \
+      python3 -m pytest -q -s -m gpu tests/test_kernels.py tests/test_fused_layer.py tests/test_attention.py tests/test_gpu.py -p no:cacheprovider \
         > "$out/gpu-tests.txt" 2>&1
       grep -E "identical|passed|failed|Error|error" "$out/gpu-tests.txt" | tail -15 ;;
     kernels)

@@ -7,13 +7,20 @@ one layer's K and V cache each [slots, 3, 64] (NHD). Variants, each at every con
   verify   FlashInfer paged prefill (fa2), 5 causal rows per sequence with base-2 LSE; and tensor-core decode
            planned with q_len_per_req=5
   draft    paged decode over the page-size-1 view of the same cache, ceil(0.05·ctx) chosen + 4 recent slots; and
-           the engine's 30-layer pattern: plan once on an indices buffer, refill it per layer, run
+           the 30-layer pattern of that design: plan once on an indices buffer, refill it per layer, run; and the
+           engine's Triton draft kernel (no plan) over the same slots
   scores   the Triton verification-score kernel on verify's own q and LSE, 30 launches (one per layer)
   topk     critical-token selection over [30, B, ctx] scores
   plan     host time of plan() for decode, verify and draft
+  layer    the decoder layer's fused Triton kernels (kernels/fused_layer.py: add+RMSNorm, RoPE, SiLU·up) against the
+           torch ops they replace, at 128 and 640 tokens (a decode batch; a verify batch of 128 × 5 rows), hidden 576,
+           intermediate 1536: each op, and 30 layers' elementwise work, replayed from a CUDA graph. Its rows
+           are keyed ctx=0 (the work does not depend on the context) and B = tokens; a table of its own.
 
 Usage (GPU machine, with the repo importable as `specattn`, as scripts/gpu_bench.sh arranges):
     python scripts/gpu_kernel_bench.py --out $OUT [--contexts 4096 8192] [--batches 64 128 256] [--quick]
+                                         [--layer-tokens 128 640] [--layer-only]
+--layer-only runs copy and layer alone, so it needs no FlashInfer.
 Writes $OUT/kernel_bench.md and $OUT/kernel_bench.json, prints the table last, exits 1 if any check failed.
 """
 
@@ -36,6 +43,9 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from specattn.engine.model import add_rms_norm, apply_rope, rms_norm, silu_mul
+from specattn.kernels import fused_layer
+from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.reference import select_critical_tokens, verification_scores
 from specattn.kernels.scores import verification_scores_paged
 
@@ -60,6 +70,9 @@ PLAN_REPS = 5
 # plan() metadata (indptr, last_page_len) lives on the host and page indices on the device, as
 # engine/flashinfer_attention.py passes them, so the plan() host times are the engine's.
 HOST = torch.device("cpu")
+# the layer variant: the default model's hidden and MLP sizes (HEADS, KV_HEADS, HEAD_DIM as above)
+HIDDEN, INTERMEDIATE, RMS_EPS = 576, 1536, 1e-5
+LAYER_REL_TOL = 1e-2  # bf16 outputs of the same math in the same roundings: reduction order differs, ~1 ulp at most
 
 # triton.testing.do_bench has had return_mode since 3.0; fall back to the median quantile on an older one.
 _HAS_RETURN_MODE = "return_mode" in inspect.signature(do_bench).parameters
@@ -481,6 +494,15 @@ def bench_draft(report: Report, w: Wrappers, case: Case) -> None:
         report.timing(case, "draft_30layer_loop", bench_ms(loop), LAYERS * draft_bytes)
     report.timing(case, "plan_draft", host_ms(plan), host=True)
 
+    # the engine's draft kernel: Triton, no plan; selected slots flattened with an indptr, recent ones in a table
+    selected = slots[0][:, :k].reshape(-1).to(torch.int32).contiguous()
+    sel_indptr = torch.arange(0, b * k + 1, k, dtype=torch.int32, device=dev)
+    recent = slots[0][:, k:].to(torch.int32).contiguous()
+    counts = torch.full((b,), RECENT, dtype=torch.int32, device=dev)
+    triton_run = partial(sparse_draft_attention, qs[0], case.k, case.v, selected, sel_indptr, recent, counts, SCALE)
+    if check_attention(report, case, "draft_triton_1layer", triton_run(), refs[0]):
+        report.timing(case, "draft_triton_1layer", bench_ms(triton_run), draft_bytes)
+
 
 def bench_topk(report: Report, case: Case) -> None:
     scores = torch.rand(LAYERS, case.batch, case.ctx, device=case.device)
@@ -499,6 +521,157 @@ def run_case(report: Report, w: Wrappers, ctx: int, batch: int, device: torch.de
         run_guarded(report, case, "scores", partial(bench_scores, report, case, *verified))
     run_guarded(report, case, "draft", partial(bench_draft, report, w, case))
     run_guarded(report, case, "topk", partial(bench_topk, report, case))
+
+
+# ---------------------------------------------------------------------------------------------------- layer
+
+
+@dataclass
+class LayerShape:
+    """A token count for the layer variant, keyed like a Case (ctx 0: elementwise work has no context)."""
+
+    batch: int
+    ctx: int = 0
+
+
+@dataclass
+class LayerInputs:
+    """One layer's elementwise inputs at the default model's shapes, bf16 (cos/sin float32, like the model's)."""
+
+    x: torch.Tensor  # [T, HIDDEN]: a sublayer's output (the delta added to the residual stream)
+    residual: torch.Tensor  # [T, HIDDEN]
+    weight: torch.Tensor  # [HIDDEN]
+    qkv: torch.Tensor  # [T, (HEADS + 2 KV_HEADS) HEAD_DIM]: the fused projection's output
+    cos: torch.Tensor  # [T, HEAD_DIM // 2]
+    sin: torch.Tensor
+    gate_up: torch.Tensor  # [T, 2 INTERMEDIATE]
+
+    @property
+    def qk(self) -> torch.Tensor:
+        """q and k heads as the model rotates them: a view whose row stride also spans v."""
+        return self.qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM].view(-1, HEADS + KV_HEADS, HEAD_DIM)
+
+
+def make_layer_inputs(tokens: int, device: torch.device) -> LayerInputs:
+    angles = torch.randint(0, 8192, (tokens, 1), device=device).float() * torch.rand(HEAD_DIM // 2, device=device)
+    return LayerInputs(
+        x=torch.randn(tokens, HIDDEN, device=device, dtype=DTYPE),
+        residual=4 * torch.randn(tokens, HIDDEN, device=device, dtype=DTYPE),
+        weight=(1 + 0.1 * torch.randn(HIDDEN, device=device)).to(DTYPE),
+        qkv=torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=device, dtype=DTYPE),
+        cos=angles.cos(), sin=angles.sin(),
+        gate_up=2 * torch.randn(tokens, 2 * INTERMEDIATE, device=device, dtype=DTYPE),
+    )
+
+
+def torch_layer_elementwise(i: LayerInputs) -> None:
+    """One layer's elementwise work as the torch path runs it: two residual adds + norms, RoPE on q and k, SiLU·up."""
+    _, residual = add_rms_norm(i.x, i.residual, i.weight, RMS_EPS)
+    apply_rope(i.qk, i.cos, i.sin)
+    add_rms_norm(i.x, residual, i.weight, RMS_EPS)
+    silu_mul(i.gate_up)
+
+
+def fused_layer_elementwise(i: LayerInputs) -> None:
+    """The same work through the fused kernels (RoPE in place, as the model does)."""
+    _, residual = fused_layer.add_rms_norm(i.x, i.residual, i.weight, RMS_EPS)
+    fused_layer.rope_(i.qk, i.cos, i.sin)
+    fused_layer.add_rms_norm(i.x, residual, i.weight, RMS_EPS)
+    fused_layer.silu_mul(i.gate_up)
+
+
+def count_kernels(fn: Callable[[], Any]) -> int:
+    """CUDA kernels one call of fn launches (each a node when a CUDA graph captures it)."""
+    fn()  # compiled and warm, so the profile holds fn's own launches only
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def repeat(times: int, fn: Callable[[], Any]) -> None:
+    for _ in range(times):
+        fn()
+
+
+def graph_of(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """fn captured as a CUDA graph, after a warm-up on a side stream (Triton compiles outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def check_layer_op(report: Report, shape: LayerShape, variant: str, out: torch.Tensor, ref: torch.Tensor) -> bool:
+    finite = bool(torch.isfinite(out).all())
+    err = rel_err(out, ref.float()) if finite else float("nan")
+    return report.check(shape, variant, finite and err < LAYER_REL_TOL, f"finite={finite} rel_err={err:.2e}")
+
+
+def bench_layer(report: Report, tokens: int, device: torch.device) -> None:
+    shape = LayerShape(tokens)
+    i = make_layer_inputs(tokens, device)
+    # checks: each fused kernel against its torch reference (engine/model.py)
+    normed, new_res = fused_layer.add_rms_norm(i.x, i.residual, i.weight, RMS_EPS)
+    ref_normed, ref_res = add_rms_norm(i.x, i.residual, i.weight, RMS_EPS)
+    ok = check_layer_op(report, shape, "layer_add_rms_norm", normed, ref_normed)
+    ok &= report.check(shape, "layer_add_rms_norm", torch.equal(new_res, ref_res), "residual sum bit-exact")
+    ok &= check_layer_op(report, shape, "layer_rms_norm", fused_layer.rms_norm(i.x, i.weight, RMS_EPS),
+                         rms_norm(i.x, i.weight, RMS_EPS))
+    qkv = i.qkv.clone()
+    ref_qk = apply_rope(i.qk, i.cos, i.sin)
+    fused_layer.rope_(qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, -1, HEAD_DIM), i.cos, i.sin)
+    v_kept = torch.equal(qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :], i.qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :])
+    ok &= check_layer_op(report, shape, "layer_rope", qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM], ref_qk.flatten(1))
+    ok &= report.check(shape, "layer_rope", v_kept, "v columns of the strided qkv untouched")
+    ok &= check_layer_op(report, shape, "layer_silu_mul", fused_layer.silu_mul(i.gate_up), silu_mul(i.gate_up))
+    if not ok:
+        return
+
+    ops = {
+        "rms_norm": (partial(rms_norm, i.x, i.weight, RMS_EPS), partial(fused_layer.rms_norm, i.x, i.weight, RMS_EPS)),
+        "add_rms_norm": (partial(add_rms_norm, i.x, i.residual, i.weight, RMS_EPS),
+                         partial(fused_layer.add_rms_norm, i.x, i.residual, i.weight, RMS_EPS)),
+        "rope": (partial(apply_rope, i.qk, i.cos, i.sin), partial(fused_layer.rope_, i.qk, i.cos, i.sin)),
+        "silu_mul": (partial(silu_mul, i.gate_up), partial(fused_layer.silu_mul, i.gate_up)),
+    }
+    # Timed as a decode step runs them: replayed from a CUDA graph, once per layer (an eager call of a few-us
+    # kernel would time the host's launch instead). Per op: one graph of LAYERS calls, its time / LAYERS.
+    for op, fns in ops.items():
+        for kind, fn in zip(("torch", "fused"), fns):
+            report.timing(shape, f"layer_{op}_{kind}", bench_ms(graph_of(partial(repeat, LAYERS, fn)).replay) / LAYERS)
+    for kind, per_layer in (("torch", torch_layer_elementwise), ("fused", fused_layer_elementwise)):
+        kernels = count_kernels(partial(per_layer, i))
+        log(f"  {kind}: {kernels} kernels per layer's elementwise work")
+        report.meta.setdefault("layer_kernels_per_layer", {})[kind] = kernels
+        graph = graph_of(partial(repeat, LAYERS, partial(per_layer, i)))
+        report.timing(shape, f"layer_30layer_graph_{kind}", bench_ms(graph.replay))
+
+
+def render_layer_table(report: Report, token_counts: list[int]) -> str:
+    kernels = report.meta.get("layer_kernels_per_layer", {})
+    head = ("| tokens | rms_norm | add + rms_norm | rope (q+k heads) | silu·up "
+            "| 30 layers' elementwise, one CUDA graph |")
+    lines = [(f"layer: torch -> fused Triton, us per call replayed from a CUDA graph (device median), bf16, hidden "
+              f"{HIDDEN}, intermediate {INTERMEDIATE}; kernels per layer: torch {kernels.get('torch', '?')}, "
+              f"fused {kernels.get('fused', '?')}."), "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for t in token_counts:
+        def cell(op: str, t: int = t) -> str:
+            old, new = report.find(0, t, f"layer_{op}_torch"), report.find(0, t, f"layer_{op}_fused")
+            if old is None or new is None:
+                return report.status(0, t, f"layer_{op}")
+            return f"{_us(old)} -> {_us(new)} ({old['ms'] / new['ms']:.1f}x)"
+
+        row = [str(t), cell("rms_norm"), cell("add_rms_norm"), cell("rope"), cell("silu_mul"), cell("30layer_graph")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -551,6 +724,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--quick", action="store_true", help="one small configuration (ctx 1024, B 16)")
+    p.add_argument("--layer-tokens", type=int, nargs="+", default=[128, 640],
+                   help="token counts of the layer variant (fused decoder-layer kernels)")
+    p.add_argument("--layer-only", action="store_true", help="copy and the layer variant only: no FlashInfer needed")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
@@ -580,10 +756,11 @@ def main() -> None:
         print("gpu_kernel_bench: CUDA is not available; this benchmark only runs on a GPU machine. Nothing was run.",
               file=sys.stderr)
         sys.exit(2)
-    import flashinfer  # only importable where CUDA is
-
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(args.seed)
+    flashinfer = None
+    if not args.layer_only:
+        import flashinfer  # only importable where CUDA is
     report = Report(meta={
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
         "flashinfer": getattr(flashinfer, "__version__", "?"), "args": {k: str(v) for k, v in vars(args).items()},
@@ -592,13 +769,20 @@ def main() -> None:
         f"flashinfer {report.meta['flashinfer']}")
     measure_copy(report, device)
     torch.cuda.empty_cache()
-    wrappers = Wrappers.build(flashinfer, device)
-    combos = fitting_combos(args.contexts, args.batches)
-    for ctx, b in combos:
-        run_case(report, wrappers, ctx, b, device)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the next case allocates its own pool
-    table = render_table(report, combos)
+    tables = []
+    if not args.layer_only:
+        wrappers = Wrappers.build(flashinfer, device)
+        combos = fitting_combos(args.contexts, args.batches)
+        for ctx, b in combos:
+            run_case(report, wrappers, ctx, b, device)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the next case allocates its own pool
+        tables.append(render_table(report, combos))
+    for tokens in args.layer_tokens:
+        log(f"layer: {tokens} tokens")
+        run_guarded(report, LayerShape(tokens), "layer", partial(bench_layer, report, tokens, device))
+    tables.append(render_layer_table(report, args.layer_tokens))
+    table = "\n\n".join(tables)
     write_outputs(report, table, args.out)
     failed = report.failed
     print(f"\n{len(report.checks)} checks, {len(failed)} failed" + "".join(

@@ -58,17 +58,42 @@ def build_scenario(cache: KVCache, kinds, g: torch.Generator, heads: int = HEADS
         cache.k[:, slots.to(cache.k.device)] = k[:, :prefix].to(cache.k.device)  # written by earlier steps
         cache.v[:, slots.to(cache.k.device)] = v[:, :prefix].to(cache.k.device)
         positions, sparse = None, None
-        if len(kind) == 3:  # each layer attends a different random subset of the prefix, plus the new token
+        if len(kind) == 3:  # a chain of nq drafts, each layer attending a random subset of the prefix, plus the new tokens
             chosen = torch.stack([torch.randperm(prefix, generator=g)[: prefix // 3] for _ in range(layers)])
             positions = torch.cat([chosen, torch.arange(prefix, total).expand(layers, -1)], dim=1)
             selected = chosen.clone().apply_(slot).to(device=cache.k.device, dtype=torch.int32)
-            sparse = SparseKV(selected, [slot(p) for p in range(prefix, total)])
+            sparse = SparseKV(selected, prefix - 1, [slot(p) for p in range(prefix, total)])
         sc.kv_positions.append(positions)
-        sc.seqs.append(SequenceAttention(nq, prefix, pages, sparse))
+        sc.seqs.append(SequenceAttention(1 if sparse else nq, prefix, pages, sparse))
         sc.dense_k.append(k)
         sc.dense_v.append(v)
         sc.new_q.append(torch.randn(layers, nq, heads, d, generator=g).to(cache.k.dtype))
     return sc
+
+
+def run_chain_and_compare(backend, sc: Scenario, steps: int, atol: float, rtol: float) -> None:
+    """A chain of drafts: after next_draft(), every sequence's query sits one position on and attends one more recent slot."""
+    dev = backend.cache.k.device
+    shape = backend.plan(sc.seqs)
+    pad = 0 if shape is None else shape.num_tokens - len(sc.seqs)
+    for j in range(steps):
+        if j:
+            backend.next_draft()
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, torch.randn(pad, *x.shape[1:], dtype=x.dtype)]).to(dev)
+
+        for layer in range(backend.cache.k.shape[0]):
+            q = padded(torch.stack([x[layer, j] for x in sc.new_q]))
+            k = padded(torch.stack([x[layer, s.start_pos + j] for x, s in zip(sc.dense_k, sc.seqs)]))
+            v = padded(torch.stack([x[layer, s.start_pos + j] for x, s in zip(sc.dense_v, sc.seqs)]))
+            out = backend(layer, q, k, v)
+            for i, s in enumerate(sc.seqs):
+                pos = s.start_pos + j
+                kv_pos = sc.kv_positions[i][layer]
+                kv_pos = kv_pos[kv_pos <= pos]
+                ref = _dense(sc.new_q[i][layer, j : j + 1].float(), sc.dense_k[i][layer].float(),
+                             sc.dense_v[i][layer].float(), torch.tensor([pos]), kv_pos)
+                torch.testing.assert_close(out[i : i + 1].float().cpu(), ref, atol=atol, rtol=rtol)
 
 
 def run_and_compare(backend, sc: Scenario, atol: float, rtol: float) -> None:
@@ -106,6 +131,17 @@ def test_paged_matches_dense_for_prefill_decode_verify_and_sparse(page_size, see
     run_and_compare(TorchAttentionBackend(cache, DIM**-0.5), sc, atol=1e-5, rtol=1e-5)
 
 
+CHAIN_KINDS = [(40, 4, "sparse"), (33, 4, "sparse"), (300, 4, "sparse"), (5, 4, "sparse")]
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_draft_chain_matches_dense(page_size):
+    """Four chained drafts per sequence: each attends its selection and every position since the anchor, itself included."""
+    cache = make_cache(page_size)
+    sc = build_scenario(cache, CHAIN_KINDS, torch.Generator().manual_seed(3))
+    run_chain_and_compare(TorchAttentionBackend(cache, DIM**-0.5), sc, 4, atol=1e-5, rtol=1e-5)
+
+
 def _gpu_cache(page_size: int = 16) -> KVCache:
     """The default model's attention shape (9 query heads, 3 KV heads, head_dim 64) in bf16 on CUDA."""
     return make_cache(page_size, torch.bfloat16, "cuda", num_pages=4096, heads=9, kv_heads=3, dim=64)
@@ -115,7 +151,8 @@ def _flashinfer(cache: KVCache, graphs: bool):
     from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
 
     return FlashInferAttentionBackend(
-        cache, 64**-0.5, 9, max_batch=8, max_query_len=5, max_draft_tokens=2100, needs_scores=True, graphs=graphs
+        cache, 64**-0.5, 9, max_batch=8, max_query_len=5, max_draft_selected=1000, max_draft_recent=40,
+        needs_scores=True, graphs=graphs,
     )
 
 
@@ -160,3 +197,12 @@ def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored):
     assert got.seqs == ref.seqs == sorted(scored) and got.lengths == ref.lengths
     torch.testing.assert_close(got.scores, ref.scores.float(), atol=2e-4, rtol=3e-2)
     assert torch.equal(got_slots, ref_slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-buffers"])
+def test_gpu_draft_chain_matches_dense(graphs):
+    """The Triton draft kernel over the FlashInfer backend's draft buffers, advanced on the device by next_draft()."""
+    cache = _gpu_cache()
+    sc = build_scenario(cache, [(2000, 4, "sparse"), (40, 4, "sparse"), (700, 4, "sparse")], torch.Generator().manual_seed(13), heads=9)
+    run_chain_and_compare(_flashinfer(cache, graphs), sc, 4, atol=3e-2, rtol=3e-2)

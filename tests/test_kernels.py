@@ -11,7 +11,8 @@ import torch
 from specattn.engine.attention import SequenceAttention, TorchAttentionBackend
 from specattn.engine.config import CacheConfig, ModelConfig
 from specattn.engine.kv_cache import KVCache
-from specattn.kernels.reference import select_critical_tokens, token_budget, verification_scores
+from specattn.kernels.draft_attention import sparse_draft_attention
+from specattn.kernels.reference import select_critical_tokens, sparse_attention, token_budget, verification_scores
 from specattn.kernels.selection import select_critical_tokens_batched
 
 
@@ -165,3 +166,40 @@ def test_gpu_batched_selection_equals_reference():
     picked = select_critical_tokens_batched(scores.cuda(), budgets).cpu()
     for s, (n, k) in enumerate(zip(lengths, budgets)):
         assert torch.equal(picked[:, s, :k], select_critical_tokens(scores[:, s, :n], k))
+
+
+def _draft_case(device: str, dtype: torch.dtype, heads: int, kv_heads: int, seed: int):
+    """Random K/V slots and per-sequence selected + recent slots (one sequence with no selection, one past a block)."""
+    g = torch.Generator().manual_seed(seed)
+    d, slots = 64, 3000
+    k_cache = torch.randn(slots, kv_heads, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(slots, kv_heads, d, generator=g).to(device, dtype)
+    qkv = torch.randn(4, heads + 2 * kv_heads, d, generator=g).to(device, dtype)
+    q = qkv[:, :heads]  # a strided view, as the model passes it
+    selected = [torch.randperm(slots, generator=g)[:n] for n in (200, 0, 7, 64)]
+    recent = [torch.randint(0, slots, (n,), generator=g) for n in (5, 1, 70, 2)]
+    width = 80
+    table = torch.zeros(4, width, dtype=torch.int32)
+    for row, r in zip(table, recent):
+        row[: len(r)] = r
+    args = (
+        torch.cat(selected).to(device, torch.int32),
+        torch.tensor([0, 200, 200, 207, 271], dtype=torch.int32, device=device),
+        table.to(device),
+        torch.tensor([len(r) for r in recent], dtype=torch.int32, device=device),
+    )
+    expected = sparse_attention(q, k_cache, v_cache, [torch.cat([s, r]).to(device) for s, r in zip(selected, recent)], d**-0.5)
+    return sparse_draft_attention(q, k_cache, v_cache, *args, scale=d**-0.5), expected
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (14, 2)])
+def test_triton_draft_attention_equals_reference(heads, kv_heads):
+    got, expected = _draft_case("cpu", torch.float32, heads, kv_heads, seed=heads)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_triton_draft_attention_equals_reference(dtype):
+    got, expected = _draft_case("cuda", dtype, 9, 3, seed=5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,57 @@
+"""Adaptive γ picks the draft length with the most tokens per second, and plain decoding when speculation does not pay."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from specattn.engine.adaptive import GammaController
+
+MAX_GAMMA = 4
+
+
+def _expected_tokens(gamma: int, accept: float) -> float:
+    return sum(accept**i for i in range(gamma + 1))
+
+
+def _simulate(step_cost, accept: float, steps: int = 600, batch: int = 16) -> tuple[float, GammaController]:
+    """Tokens per second the controller reaches when a step with γ drafts takes step_cost(γ) and each draft is accepted with `accept`."""
+    rng = random.Random(0)
+    ctl = GammaController(MAX_GAMMA, adaptive=True)
+    tokens = seconds = 0.0
+    for _ in range(steps):
+        gamma = ctl.choose(batch)
+        for _ in range(batch):  # every request of the step verifies its drafts
+            accepted = 0
+            while accepted < gamma and rng.random() < accept:
+                accepted += 1
+            if gamma:
+                ctl.record_acceptance(gamma, accepted)
+            tokens += accepted + 1
+        ctl.record_step_time(batch, gamma, step_cost(gamma))
+        seconds += step_cost(gamma)
+    return tokens / seconds / batch, ctl
+
+
+@pytest.mark.parametrize(
+    "fixed,per_draft,accept",
+    [
+        (0.5, 0.1, 0.9),  # speculation pays, most at γ max
+        (1.5, 0.2, 0.9),  # a large fixed cost: only long drafts pay (a γ = 1 measurement alone would say "never")
+        (0.3, 0.6, 0.6),  # drafts are dear and often wrong: a short γ is best
+        (3.0, 2.0, 0.9),  # speculation never pays: plain decoding
+        (0.2, 0.2, 0.1),  # drafts are almost always rejected: plain decoding
+    ],
+)
+def test_adaptive_reaches_the_best_fixed_choice(fixed, per_draft, accept):
+    def cost(gamma: int) -> float:
+        return 1.0 + (fixed + per_draft * gamma if gamma else 0.0)
+
+    rates = {g: _expected_tokens(g, accept) / cost(g) for g in range(MAX_GAMMA + 1)}
+    best = max(rates, key=rates.get)
+    reached, ctl = _simulate(cost, accept)
+    # within 10 % of the best fixed γ (the probes and the first measurements cost a little), never far below plain
+    assert reached >= 0.9 * rates[best], (reached, rates, ctl.histogram)
+    assert reached >= 0.95 * rates[0]
+    assert ctl.histogram.most_common(1)[0][0] == best, (ctl.histogram, rates)
