@@ -27,7 +27,8 @@ for stage in "$@"; do
         > "$out/gpu-tests.txt" 2>&1
       grep -E "identical|passed|failed|Error|error" "$out/gpu-tests.txt" | tail -15 ;;
     kernels)
-      python3 scripts/gpu_kernel_bench.py --out "$out/kernels" > "$out/kernels.log" 2>&1
+      # shellcheck disable=SC2086
+      python3 scripts/gpu_kernel_bench.py --out "$out/kernels" ${KERNEL_ARGS:-} > "$out/kernels.log" 2>&1
       tail -30 "$out/kernels.log" ;;
     bench)
       # shellcheck disable=SC2086
