@@ -90,7 +90,7 @@ class ModelRunner:
                 step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
                 step.positions.copy_(torch.tensor(positions), non_blocking=True)
                 step.graph.replay()
-                tokens = step.argmax
+                tokens = step.argmax.view(shape.batch, steps)  # a one-draft "chain" is a plain forward's graph
             return tokens[:n].tolist()
         drafts: list[list[int]] = [[] for _ in seqs]
         for j in range(steps):
