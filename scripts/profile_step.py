@@ -22,6 +22,35 @@ from specattn.engine.loader import load_model_files
 from specattn.engine.sampling import SamplingParams
 
 
+def _timed_phases(engine: LLMEngine, steps: int) -> dict[str, float]:
+    """Seconds per step in the draft chain, the verification forward, the draft refresh (scores + selection) and the rest,
+    each phase ended by a device sync (so the sum is a little above the bare step)."""
+    spent = {"drafts": 0.0, "forward": 0.0, "refresh": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            torch.cuda.synchronize()
+            spent[name] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    originals = (engine._draft, engine.runner.run, engine._refresh_drafts)
+    engine._draft = timed("drafts", engine._draft)
+    engine.runner.run = timed("forward", engine.runner.run)
+    engine._refresh_drafts = timed("refresh", engine._refresh_drafts)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t
+    engine._draft, engine.runner.run, engine._refresh_drafts = originals
+    spent["rest"] = total - sum(spent.values())
+    return {k: v / steps for k, v in spent.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=64)
@@ -42,9 +71,18 @@ def main() -> None:
             engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
         while any(r.num_computed < len(r.prompt_ids) for r in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
-        for _ in range(2):
+        for _ in range(4):
             engine.step()
         torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        bare_step = (time.perf_counter() - t) / args.steps
+        breakdown = _timed_phases(engine, args.steps)
+        report.append(f"## {drafter}: {bare_step * 1000:.1f} ms/step without profilers; phases (synchronized, ms/step): "
+                      + ", ".join(f"{k} {v * 1000:.1f}" for k, v in breakdown.items()) + "\n")
+        print(f"{drafter}: {bare_step * 1000:.1f} ms/step bare;", {k: round(v * 1000, 1) for k, v in breakdown.items()})
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
@@ -61,7 +99,7 @@ def main() -> None:
         torch.cuda.synchronize()
         py.disable()
         plain_step = (time.perf_counter() - t1) / args.steps
-        pstats.Stats(py, stream=stats_io).sort_stats("cumulative").print_stats(30)
+        pstats.Stats(py, stream=stats_io).sort_stats("tottime").print_stats(30)
         report.append(f"## {drafter}: {plain_step * 1000:.1f} ms/step under cProfile\n\n```\n{stats_io.getvalue()[-9000:]}\n```\n")
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
         cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
