@@ -60,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     files = load_model_files(None)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (args.context - 64,), generator=g).tolist() for _ in range(args.batch)]
+    prompts = [torch.randint(100, 40000, (args.context - 256,), generator=g).tolist() for _ in range(args.batch)]
     pages = args.batch * (args.context // 16 + 8)
     report = []
     for drafter, gamma in (("none", 0), ("specattn", 4)):
@@ -68,7 +68,7 @@ def main() -> None:
                                         cache=CacheConfig(num_pages=pages),
                                         scheduler=SchedulerConfig(max_num_seqs=args.batch, max_num_batched_tokens=16384)), files)
         for i, ids in enumerate(prompts):
-            engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+            engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=240, temperature=0, ignore_eos=True))
         while any(r.num_computed < len(r.prompt_ids) for r in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
         for _ in range(4):
