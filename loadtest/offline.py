@@ -43,6 +43,8 @@ class Result:
     seconds: float
     tokens_per_s: float  # all output tokens over the whole run, prefill included
     decode_tokens_per_s: float | None = None  # output tokens once every request is decoding, over that span
+    # ... only while every request is still running (speculation finishes requests unevenly; the batch then thins out)
+    full_batch_tokens_per_s: float | None = None
     acceptance_rate: float | None = None
     mean_acceptance_length: float | None = None
     accepted_per_position: list[float] = field(default_factory=list)
@@ -91,6 +93,8 @@ class Timing:
     seconds: float  # the whole run: prefill and decode
     decode_seconds: float  # from the step after which every request had its first token, to the end
     decode_tokens: int  # tokens generated in that span
+    full_batch_seconds: float  # from the same step to the end of the step in which the first request finished
+    full_batch_tokens: int
 
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, progress: tqdm) -> tuple[list[list[int]], Timing]:
@@ -98,19 +102,26 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, pro
     for i, p in enumerate(prompts):
         engine.add_request(f"b{i}", p, params)
     outputs: dict[str, list[int]] = {f"b{i}": [] for i in range(len(prompts))}
-    produced, decode_start, decode_from = 0, None, 0
+    produced, decode_start, decode_from, full_end, full_produced = 0, None, 0, None, 0
     start = time.perf_counter()
     while engine.has_unfinished_requests():
+        finished = False
         for out in engine.step():
             outputs[out.request_id].extend(out.new_token_ids)
             produced += len(out.new_token_ids)
             progress.update(len(out.new_token_ids))
+            finished |= out.finished
+        # each step ends with its tokens on the host, so the clock here includes the step's device work
+        if finished and full_end is None and decode_start is not None:
+            full_end, full_produced = time.perf_counter(), produced
         if decode_start is None and all(outputs.values()):
             decode_start, decode_from = time.perf_counter(), produced
     if engine.model.device.type == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()
-    timing = Timing(end - start, end - (decode_start or end), produced - decode_from)
+    full_end = full_end or end
+    timing = Timing(end - start, end - (decode_start or end), produced - decode_from,
+                    full_end - (decode_start or full_end), full_produced - decode_from)
     return [outputs[f"b{i}"] for i in range(len(prompts))], timing
 
 
@@ -162,6 +173,8 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     variant=name, context=context, batch=batch, requests=len(prompts), output_tokens=produced,
                     seconds=round(timing.seconds, 3), tokens_per_s=round(produced / timing.seconds, 1),
                     decode_tokens_per_s=round(timing.decode_tokens / timing.decode_seconds, 1) if timing.decode_seconds else None,
+                    full_batch_tokens_per_s=round(timing.full_batch_tokens / timing.full_batch_seconds, 1)
+                    if timing.full_batch_seconds > 0 else None,
                     acceptance_rate=round(stats.spec.acceptance_rate, 4) if stats.spec.num_drafts else None,
                     mean_acceptance_length=round(stats.spec.mean_acceptance_length, 3) if stats.spec.num_drafts else None,
                     accepted_per_position=[round(a / stats.spec.num_drafts, 3) for a in stats.spec.accepted_per_position],
@@ -187,9 +200,9 @@ def run_hf(files: ModelFiles, prompts, args, device: str, context: int, batch: i
 
 
 def markdown_table(results: list[Result]) -> str:
-    rows = ["| context | batch | variant | tok/s | × none | decode tok/s | decode × none | accept rate | mean accept len "
-            "| per-position accept | γ steps | = none |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | :---: |"]
+    rows = ["| context | batch | variant | tok/s | × none | decode tok/s | decode × none | full-batch tok/s | full × none "
+            "| accept rate | mean accept len | per-position accept | γ steps | = none |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | :---: |"]
     base = {(r.context, r.batch): r for r in results if r.variant == "none"}
 
     def ratio(r: Result, attr: str) -> str:
@@ -199,13 +212,14 @@ def markdown_table(results: list[Result]) -> str:
 
     for r in results:
         decode = "" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}"
+        full = "" if r.full_batch_tokens_per_s is None else f"{r.full_batch_tokens_per_s:.1f}"
         fmt = lambda x: "" if x is None else f"{x:.3f}"
         same = "" if r.identical_to_none is None else f"{r.identical_to_none}/{r.requests}"
         if r.note:
             same = f"{same} {r.note}".strip()
         rows.append(
             f"| {r.context} | {r.batch} | {r.variant} | {r.tokens_per_s:.1f} | {ratio(r, 'tokens_per_s')} | {decode} | "
-            f"{ratio(r, 'decode_tokens_per_s')} | {fmt(r.acceptance_rate)} | "
+            f"{ratio(r, 'decode_tokens_per_s')} | {full} | {ratio(r, 'full_batch_tokens_per_s')} | {fmt(r.acceptance_rate)} | "
             f"{fmt(r.mean_acceptance_length)} | {' '.join(f'{a:.2f}' for a in r.accepted_per_position)} | "
             f"{' '.join(f'{g}:{n}' for g, n in sorted(r.gamma_histogram.items()))} | {same} |"
         )

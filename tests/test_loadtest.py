@@ -284,3 +284,20 @@ def test_soak_with_faults_passes_and_reports_consistent_figures(server, tmp_path
     md = (out / "report.md").read_text()
     assert "PASSED" in md and "specattn-loadtest soak" in md
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_offline_bench_compares_variants_side_by_side(tmp_path):
+    """specattn-bench on the CPU: every variant's row, speculation equal to plain decoding, and the full-batch column."""
+    from specattn.loadtest.offline import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"Section {i}: the parser reads token {i * 7} and writes it to the table." for i in range(60)))
+    out = tmp_path / "bench"
+    assert main(["--device", "cpu", "--docs", str(doc), "--contexts", "160", "--batches", "2", "--max-tokens", "12",
+                 "--variants", "none,specattn:g3:k8", "--out", str(out)]) == 0
+    results = {r["variant"]: r for r in json.loads(out.with_suffix(".json").read_text())["results"]}
+    assert set(results) == {"none", "specattn:g3:k8"}
+    spec = results["specattn:g3:k8"]
+    assert spec["identical_to_none"] == 2 and spec["output_tokens"] == 24 and spec["acceptance_rate"] > 0
+    assert all(r["full_batch_tokens_per_s"] and r["decode_tokens_per_s"] for r in results.values())
+    assert "| full-batch tok/s | full × none |" in out.with_suffix(".md").read_text()
