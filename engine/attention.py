@@ -90,7 +90,7 @@ class _Group:
 class GraphShape:
     """A step shape one CUDA graph replays: `batch` sequences (real ones, then padding) of `query_len` tokens each."""
 
-    kind: str  # decode | verify | draft
+    kind: str  # decode | scored_decode | verify | draft
     batch: int
     query_len: int
     steps: int = 1  # draft: forwards chained in the graph, each fed the one before's greedy tokens
@@ -102,6 +102,8 @@ class GraphShape:
 
 class AttentionBackend(Protocol):
     """What the runner and model need from an attention implementation (torch reference or FlashInfer)."""
+
+    graph_batches: list[int]  # the batch sizes whose steps it can run as CUDA graphs (none: always eager)
 
     def plan(self, seqs: list[SequenceAttention]) -> GraphShape | None:
         """Prepare one forward over these sequences (host work, once per step).
@@ -141,6 +143,7 @@ class TorchAttentionBackend:
         self._scores: list[list[torch.Tensor]] = []  # per group, per layer: [S, K]
         self._score_lens: dict[int, int] = {}
         self._drafts: list[SequenceAttention] = []  # the planned step, if it is a draft step
+        self.graph_batches: list[int] = []
 
     def plan(self, seqs: list[SequenceAttention]) -> GraphShape | None:
         dev = self.cache.k.device

@@ -13,7 +13,7 @@ from specattn.kernels.reference import token_budget
 
 from .acceptance import accept_drafts
 from .adaptive import GammaController
-from .attention import AttentionBackend, ScoreBatch, TorchAttentionBackend
+from .attention import AttentionBackend, ScoreBatch, SparseKV, TorchAttentionBackend
 from .config import EngineConfig
 from .kv_cache import KVCache
 from .loader import ModelFiles, load_model_files
@@ -27,7 +27,7 @@ from .stopping import OutputTracker
 
 # A selection this many positions old is renewed by the request's next plain step (which then scores its
 # query): drafts after long stretches of plain decoding stay current and within the graphs' recent slots.
-_REFRESH_AFTER = 16
+_REFRESH_AFTER = 32
 
 
 @dataclass
@@ -59,6 +59,32 @@ class LLMEngine:
         self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
         self._arrivals = itertools.count()
+        self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Capture every decode-phase CUDA graph now, as vLLM does at start-up, so that no step pays for a capture later.
+
+        Per batch bucket: plain decode, and for each draft length the engine may choose, the verification and the
+        draft chain; batches of padding sequences on the scratch page stand in for real ones.
+        """
+        buckets = self.runner.backend.graph_batches
+        if not buckets:
+            return
+        scratch = [self.cache.scratch_page]
+        spec = self.config.spec
+        gammas = [] if self.drafter is None else range(1, spec.max_gamma + 1) if spec.adaptive else [spec.max_gamma]
+        no_selection = torch.empty(self.model_config.num_layers, 0, dtype=torch.int32, device=self.cache.k.device)
+        first_slot = self.cache.scratch_page * self.cache.page_size
+        scored = self.drafter is not None and self.drafter.needs_scores
+        for b in buckets:
+            self.runner.run([SequenceInput([0], 0, scratch, 1)] * b)
+            if scored:  # a plain decode that renews a stale selection
+                self.runner.run([SequenceInput([0], 0, scratch, 1, score_rows=(0,), score_len=1)] * b)
+            for g in gammas:
+                rows = dict(score_rows=(0, g), score_len=1) if scored else {}
+                self.runner.run([SequenceInput([0] * (g + 1), 0, scratch, g + 1, **rows)] * b)
+                sparse = SparseKV(no_selection, -1, list(range(first_slot, first_slot + g)))
+                self.runner.run_drafts([SequenceInput([0], 0, scratch, 1, sparse=sparse)] * b, g, None)
 
     def _attention_backend(self) -> AttentionBackend:
         scale = self.model_config.head_dim**-0.5

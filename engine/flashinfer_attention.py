@@ -93,7 +93,7 @@ class FlashInferAttentionBackend:
         # attention: 10-27 % faster than the CUDA-core decode kernel at batch ≥ 64 (docs/results/kernels-h200.md)
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True, backend="fa2")
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
-        self._buckets = [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch] if graphs else []
+        self.graph_batches = [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch] if graphs else []
         self._max_query_len = min(max_query_len, cache.page_size)  # padding sequences fit on the scratch page
         # per sequence, for the fixed draft buffers: selected slots, and recent slots of a whole chain
         self._max_draft_selected = max_draft_selected
@@ -119,7 +119,7 @@ class FlashInferAttentionBackend:
         q = seqs[0].num_query
         if q > self._max_query_len or any(s.num_query != q or (s.sparse is None) != (seqs[0].sparse is None) for s in seqs):
             return None
-        return next((b for b in self._buckets if b >= len(seqs)), None)
+        return next((b for b in self.graph_batches if b >= len(seqs)), None)
 
     def plan(self, seqs: list[SequenceAttention]) -> GraphShape | None:
         bucket = self._bucket(seqs)
@@ -141,7 +141,7 @@ class FlashInferAttentionBackend:
             self._workspace, "NHD", use_cuda_graph=True, backend="fa2", use_tensor_cores=True,
             paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_len,
         )
-        scoring = self._needs_scores
+        scoring = self._needs_scores and shape.kind != "decode"
         plan = _Plan(
             kind=shape.kind,
             wrapper=wrapper,
@@ -180,7 +180,9 @@ class FlashInferAttentionBackend:
         assert self._needs_scores or not self._scored, "scores asked of a backend built without them"
         shape = None
         if bucket is not None:
-            shape = GraphShape("decode" if q == 1 else "verify", bucket, q)
+            # plain decode steps never score; a decode that renews a stale selection has a graph of its own
+            kind = "verify" if q > 1 else "scored_decode" if self._scored else "decode"
+            shape = GraphShape(kind, bucket, q)
             plan = self._graph_plan(shape)
             plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, q))
             if plan.rows is not None:

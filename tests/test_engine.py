@@ -173,3 +173,14 @@ def test_attention_backend_choice():
             EngineConfig(attention="flashinfer", **kw)
     with pytest.raises(ValueError, match="unknown attention backend"):
         EngineConfig(attention="xformers")
+
+
+def test_graph_warm_up_steps_leave_requests_untouched(make_engine, alone):
+    """The start-up capture runs every decode-phase step shape (each γ: scored decode, verification, draft chain) on
+    padding sequences of the scratch page — eagerly here, on the CPU: it takes no KV pages, and requests decode as before."""
+    engine = make_engine(spec=SpecConfig(drafter="specattn", gamma=3, adaptive=True, budget_ratio=0.1, min_budget=6))
+    engine.runner.backend.graph_batches = [1, 3]
+    engine._capture_graphs()
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_pages
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    assert engine.generate(ids, GREEDY) == alone
