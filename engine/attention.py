@@ -34,7 +34,9 @@ class SparseKV:
 
     def num_recent(self, query_pos: int) -> int:
         """How many recent slots a query at this position attends (the positions after the anchor, itself included)."""
-        return query_pos - self.anchor
+        n = query_pos - self.anchor
+        assert 1 <= n <= len(self.recent), f"a query at {query_pos} needs {n} recent slots, {len(self.recent)} given"
+        return n
 
     def slots(self, query_pos: int) -> torch.Tensor:
         """[layers, k + recent] every slot each layer attends for a query at query_pos."""
@@ -93,7 +95,7 @@ class GraphShape:
     kind: str  # decode | scored_decode | verify | draft
     batch: int
     query_len: int
-    steps: int = 1  # draft: forwards chained in the graph, each fed the one before's greedy tokens
+    num_drafts: int = 1  # draft: forwards chained in the graph, each fed the one before's greedy tokens
 
     @property
     def num_tokens(self) -> int:

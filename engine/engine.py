@@ -76,13 +76,18 @@ class LLMEngine:
         no_selection = torch.empty(self.model_config.num_layers, 0, dtype=torch.int32, device=self.cache.k.device)
         first_slot = self.cache.scratch_page * self.cache.page_size
         scored = self.drafter is not None and self.drafter.needs_scores
+        # a verification longer than a page is never a graph (padding lives on the one scratch page)
+        gammas = [g for g in gammas if g + 1 <= self.cache.page_size]
+        # one draft forward at a time serves sampling requests, whatever γ
+        chains = sorted({1, *gammas}) if self.drafter is not None else []
         for b in buckets:
             self.runner.run([SequenceInput([0], 0, scratch, 1)] * b)
             if scored:  # a plain decode that renews a stale selection
                 self.runner.run([SequenceInput([0], 0, scratch, 1, score_rows=(0,), score_len=1)] * b)
             for g in gammas:
-                rows = dict(score_rows=(0, g), score_len=1) if scored else {}
-                self.runner.run([SequenceInput([0] * (g + 1), 0, scratch, g + 1, **rows)] * b)
+                score_kwargs = dict(score_rows=(0, g), score_len=1) if scored else {}
+                self.runner.run([SequenceInput([0] * (g + 1), 0, scratch, g + 1, **score_kwargs)] * b)
+            for g in chains:
                 sparse = SparseKV(no_selection, -1, list(range(first_slot, first_slot + g)))
                 self.runner.run_drafts([SequenceInput([0], 0, scratch, 1, sparse=sparse)] * b, g, None)
 
@@ -97,7 +102,7 @@ class LLMEngine:
                 max_query_len=spec.max_gamma + 1,
                 max_draft_selected=token_budget(self.max_context, spec.budget_ratio, spec.min_budget),
                 # a chain of drafts attends the positions since its anchor: up to 2γ right after a
-                # verification, up to _REFRESH_AFTER + 2γ after plain steps
+                # verification, up to _REFRESH_AFTER + γ − 1 after plain steps
                 max_draft_recent=_REFRESH_AFTER + 2 * spec.max_gamma,
                 needs_scores=self.drafter is not None and self.drafter.needs_scores,
                 graphs=not self.config.enforce_eager,

@@ -1,4 +1,4 @@
-"""The CUDA attention backend: FlashInfer paged kernels for decode, verification and prefill; drafts over a page-size-1 view.
+"""The CUDA attention backend: FlashInfer paged kernels for decode, verification and prefill; drafts on a Triton kernel.
 
 Same interface and results as `TorchAttentionBackend` (the reference its tests compare against), without
 gathering K/V: FlashInfer reads the paged cache in place. A step is planned as one of:
@@ -43,7 +43,6 @@ def _int32(values, device: torch.device | None = None) -> torch.Tensor:
 class _Plan:
     """What a full-attention forward's per-layer calls read. Fixed buffers reused by every step of a graph shape, or one eager step's own."""
 
-    kind: str  # decode | verify | prefill
     wrapper: Any
     slot_mapping: torch.Tensor  # cache slot of each new token
     indices: torch.Tensor  # page indices the wrapper reads
@@ -63,7 +62,7 @@ class _DraftPlan:
     counts: torch.Tensor  # [batch] int32: recent slots the current draft attends (the last is its own)
     slot_mapping: torch.Tensor  # [batch] int64: where the current draft writes its K/V (recent[counts − 1])
 
-    def point_writes(self) -> None:
+    def update_write_slots(self) -> None:
         self.slot_mapping.copy_(self.recent.gather(1, self.counts.long()[:, None] - 1)[:, 0])
 
 
@@ -100,6 +99,8 @@ class FlashInferAttentionBackend:
         self._max_draft_recent = max_draft_recent
         self._needs_scores = needs_scores  # whether graph shapes keep score rows (only SpecAttn uses them)
         self._graph_plans: dict[GraphShape, _Plan | _DraftPlan] = {}
+        self._shared_score_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._shared_draft_slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._plan: _Plan | _DraftPlan | None = None
         self._scored: list[int] = []
         self._score_args: tuple[torch.Tensor, ...] = ()
@@ -142,16 +143,15 @@ class FlashInferAttentionBackend:
             paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_len,
         )
         scoring = self._needs_scores and shape.kind != "decode"
+        q_rows, lse_rows = self._score_row_buffers() if scoring else (None, None)
         plan = _Plan(
-            kind=shape.kind,
             wrapper=wrapper,
             slot_mapping=torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev),
             indices=indices,
             indptr=indptr,
             rows=torch.zeros(2 * b, dtype=torch.long, device=dev) if scoring else None,
-            q_rows=torch.zeros(self.num_layers, b, 2, self.num_heads, self.head_dim, dtype=self.cache.k.dtype, device=dev)
-            if scoring else None,
-            lse_rows=torch.zeros(self.num_layers, b, 2, self.num_heads, device=dev) if scoring else None,
+            q_rows=q_rows[:, :b] if scoring else None,
+            lse_rows=lse_rows[:, :b] if scoring else None,
         )
         self._graph_plans[shape] = plan
         return plan
@@ -194,7 +194,7 @@ class FlashInferAttentionBackend:
         else:
             kind = "decode" if q == 1 and all(s.num_query == 1 for s in seqs) and not self._scored else "prefill"
             dev_indices = indices.to(self.device, non_blocking=True)
-            plan = _Plan(kind, self._decode if kind == "decode" else self._prefill,
+            plan = _Plan(self._decode if kind == "decode" else self._prefill,
                          self._slot_mapping(seqs, 0, q).to(self.device, non_blocking=True),
                          dev_indices, _int32(indptr, self.device))
             if kind == "decode":
@@ -222,12 +222,33 @@ class FlashInferAttentionBackend:
             )
         return shape
 
-    def _draft_plan(self, batch: int, capacity: int, width: int) -> _DraftPlan:
+    def _score_row_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scored rows' queries and LSEs at the largest bucket: one forward is live at a time, so every graph shape
+        writes a prefix view of the same memory instead of holding its own."""
+        if self._shared_score_rows is None:
+            b = self.graph_batches[-1]
+            self._shared_score_rows = (
+                torch.zeros(self.num_layers, b, 2, self.num_heads, self.head_dim, dtype=self.cache.k.dtype, device=self.device),
+                torch.zeros(self.num_layers, b, 2, self.num_heads, device=self.device),
+            )
+        return self._shared_score_rows
+
+    def _draft_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selected and recent slots at the largest bucket, shared by every draft graph shape (prefix views)."""
+        if self._shared_draft_slots is None:
+            b = self.graph_batches[-1]
+            self._shared_draft_slots = (
+                torch.zeros(self.num_layers, b * self._max_draft_selected, dtype=torch.int32, device=self.device),
+                torch.full((b, self._max_draft_recent), self._scratch_slot, dtype=torch.int32, device=self.device),
+            )
+        return self._shared_draft_slots
+
+    def _draft_plan(self, batch: int, selected: torch.Tensor, recent: torch.Tensor) -> _DraftPlan:
         i32 = dict(dtype=torch.int32, device=self.device)
         return _DraftPlan(
-            selected=torch.zeros(self.num_layers, capacity, **i32),
+            selected=selected,
             sel_indptr=torch.zeros(batch + 1, **i32),
-            recent=torch.full((batch, width), self._scratch_slot, **i32),
+            recent=recent,
             counts=torch.ones(batch, **i32),
             slot_mapping=torch.full((batch,), self._scratch_slot, dtype=torch.long, device=self.device),
         )
@@ -241,12 +262,14 @@ class FlashInferAttentionBackend:
             bucket = None  # more than the fixed buffers hold (e.g. many plain steps since the anchor): run eagerly
         if bucket is None:
             shape, batch = None, len(seqs)
-            plan = self._draft_plan(batch, selected.shape[1], width)
+            plan = self._draft_plan(batch, torch.empty_like(selected), torch.empty(batch, width, dtype=torch.int32, device=self.device))
         else:
             shape, batch = GraphShape("draft", bucket, 1), bucket
-            plan = self._graph_plans.get(shape) or self._graph_plans.setdefault(
-                shape, self._draft_plan(bucket, bucket * self._max_draft_selected, self._max_draft_recent)
-            )
+            if shape not in self._graph_plans:
+                shared_selected, shared_recent = self._draft_buffers()
+                self._graph_plans[shape] = self._draft_plan(
+                    bucket, shared_selected[:, : bucket * self._max_draft_selected], shared_recent[:bucket])
+            plan = self._graph_plans[shape]
         pad = batch - len(seqs)
         recent = np.full(tuple(plan.recent.shape), self._scratch_slot, dtype=np.int32)
         for row, s in zip(recent, seqs):
@@ -255,7 +278,7 @@ class FlashInferAttentionBackend:
         plan.sel_indptr.copy_(_int32(np.cumsum([0] + [s.sparse.selected.shape[1] for s in seqs] + [0] * pad)))
         plan.recent.copy_(torch.from_numpy(recent))
         plan.counts.copy_(_int32([s.sparse.num_recent(s.start_pos) for s in seqs] + [1] * pad))
-        plan.point_writes()
+        plan.update_write_slots()
         self._plan = plan
         return shape
 
@@ -263,7 +286,7 @@ class FlashInferAttentionBackend:
         plan = self._plan
         assert isinstance(plan, _DraftPlan), "next_draft() needs a planned draft step"
         plan.counts += 1
-        plan.point_writes()
+        plan.update_write_slots()
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         plan = self._plan
@@ -304,6 +327,7 @@ class FlashInferAttentionBackend:
     def slots_of(self, seq_indices: list[int], positions: torch.Tensor) -> torch.Tensor:
         ps = self.cache.page_size
         plan = self._plan
+        assert isinstance(plan, _Plan), "slots_of() maps positions of the last full-attention step"
         first_page = plan.indptr[torch.tensor(seq_indices, device=self.device)]
         page = (first_page[None, :, None] + positions // ps).clamp(max=plan.indices.shape[0] - 1)
         return (plan.indices[page] * ps + positions % ps).to(torch.int32)

@@ -42,7 +42,7 @@ class _CapturedStep:
     input_ids: torch.Tensor
     positions: torch.Tensor
     logits: torch.Tensor | None  # [tokens, vocab]: every row, padding included (None for a draft chain)
-    argmax: torch.Tensor  # [tokens] (a draft chain: [sequences, steps])
+    argmax: torch.Tensor  # [tokens] (a draft chain: [sequences, num_drafts])
 
 
 class ModelRunner:
@@ -63,16 +63,16 @@ class ModelRunner:
         with torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext():
             return self._run(seqs)
 
-    def run_drafts(self, seqs: list[SequenceInput], steps: int, choose: DraftChooser | None) -> list[list[int]]:
-        """`steps` chained draft forwards (each sequence one token, sparse): draft j's input is draft j−1's token.
+    def run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> list[list[int]]:
+        """`num_drafts` chained draft forwards (each sequence one token, sparse): draft j's input is draft j−1's token.
 
         choose None: greedy, the chain stays on the device (one CUDA graph when the batch fits one, one sync);
         otherwise choose(j, logits) picks each draft's tokens on the host.
         """
         with torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext():
-            return self._run_drafts(seqs, steps, choose)
+            return self._run_drafts(seqs, num_drafts, choose)
 
-    def _run_drafts(self, seqs: list[SequenceInput], steps: int, choose: DraftChooser | None) -> list[list[int]]:
+    def _run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> list[list[int]]:
         assert all(s.sparse is not None and len(s.token_ids) == 1 for s in seqs)
         shape = self._plan(seqs)
         dev, n = self.model.device, len(seqs)
@@ -83,17 +83,17 @@ class ModelRunner:
             ids, positions = ids + [0] * pad, positions + [0] * pad
         if choose is None:
             if shape is None:
-                tokens = self._draft_chain(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev), steps)
+                tokens = self._draft_chain(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev), num_drafts)
             else:
-                key = replace(shape, steps=steps)
-                step = self._graphs.get(key) or self._capture(key, ids, positions, seqs)
+                chain_shape = replace(shape, num_drafts=num_drafts)
+                step = self._graphs.get(chain_shape) or self._capture(chain_shape, ids, positions, seqs)
                 step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
                 step.positions.copy_(torch.tensor(positions), non_blocking=True)
                 step.graph.replay()
-                tokens = step.argmax.view(shape.batch, steps)  # a one-draft "chain" is a plain forward's graph
+                tokens = step.argmax.view(shape.batch, num_drafts)  # a one-draft "chain" is a plain forward's graph
             return tokens[:n].tolist()
         drafts: list[list[int]] = [[] for _ in seqs]
-        for j in range(steps):
+        for j in range(num_drafts):
             if j:
                 self.backend.next_draft()
             logits, _ = self._forward(shape, seqs, ids, [p + j for p in positions])
@@ -103,10 +103,10 @@ class ModelRunner:
             ids[:n] = chosen
         return drafts
 
-    def _draft_chain(self, input_ids: torch.Tensor, positions: torch.Tensor, steps: int) -> torch.Tensor:
-        """[sequences, steps] greedy draft tokens, every draft fed the one before's token, all on the device."""
+    def _draft_chain(self, input_ids: torch.Tensor, positions: torch.Tensor, num_drafts: int) -> torch.Tensor:
+        """[sequences, num_drafts] greedy draft tokens, every draft fed the one before's token, all on the device."""
         tokens = []
-        for j in range(steps):
+        for j in range(num_drafts):
             if j:
                 self.backend.next_draft()
             input_ids = self._forward_logits(input_ids, positions + j)[1]
@@ -167,8 +167,8 @@ class ModelRunner:
         input_ids, pos = torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
 
         def forward() -> tuple[torch.Tensor | None, torch.Tensor]:
-            if shape.steps > 1:
-                return None, self._draft_chain(input_ids, pos, shape.steps)
+            if shape.num_drafts > 1:
+                return None, self._draft_chain(input_ids, pos, shape.num_drafts)
             return self._forward_logits(input_ids, pos)
 
         # one eager run first, on a side stream as graph capture wants: lazy inits and kernel compiles happen there
@@ -177,7 +177,7 @@ class ModelRunner:
         with torch.cuda.stream(side):
             forward()
         torch.cuda.current_stream(dev).wait_stream(side)
-        if shape.steps > 1:
+        if shape.num_drafts > 1:
             self._plan(seqs)  # the eager chain moved the drafts on: back to the first
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()

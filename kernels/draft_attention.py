@@ -1,7 +1,7 @@
 """Triton sparse draft attention: one query per sequence over its selected cache slots plus its recent ones.
 
-A draft reads K/V at explicit slots — the layer's selected positions, then the positions since the last
-verification — straight from the paged cache, with no plan on the host: which slots a sequence reads
+A draft reads K/V at explicit slots — the layer's selected positions, then the positions since the
+selection's anchor — straight from the paged cache, with no plan on the host: which slots a sequence reads
 lives in device tensors (an indptr into the flattened selection, a recent-slot table and a count), so a
 chain of drafts can advance on the device and γ drafts run as one CUDA graph. The torch function of the
 same math is `kernels.reference.sparse_attention`; tests compare the two.
@@ -99,6 +99,7 @@ def sparse_draft_attention(
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
+    assert heads % kv_heads == 0 and head_dim == triton.next_power_of_2(head_dim), "GQA groups, power-of-two head_dim"
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and recent.is_contiguous()
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
     if batch == 0:

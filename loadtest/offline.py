@@ -93,7 +93,9 @@ class Timing:
     seconds: float  # the whole run: prefill and decode
     decode_seconds: float  # from the step after which every request had its first token, to the end
     decode_tokens: int  # tokens generated in that span
-    full_batch_seconds: float  # from the same step to the end of the step in which the first request finished
+    # from the same step to the end of the step in which the first request finished (0: no such span, e.g. a
+    # request finished before every request had its first token)
+    full_batch_seconds: float
     full_batch_tokens: int
 
 
@@ -102,7 +104,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, pro
     for i, p in enumerate(prompts):
         engine.add_request(f"b{i}", p, params)
     outputs: dict[str, list[int]] = {f"b{i}": [] for i in range(len(prompts))}
-    produced, decode_start, decode_from, full_end, full_produced = 0, None, 0, None, 0
+    produced, decode_start, decode_from, first_finish = 0, None, 0, None
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         finished = False
@@ -112,16 +114,18 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, pro
             progress.update(len(out.new_token_ids))
             finished |= out.finished
         # each step ends with its tokens on the host, so the clock here includes the step's device work
-        if finished and full_end is None and decode_start is not None:
-            full_end, full_produced = time.perf_counter(), produced
+        now = time.perf_counter()
+        if finished and first_finish is None:
+            first_finish = (now, produced, decode_start is not None)
         if decode_start is None and all(outputs.values()):
-            decode_start, decode_from = time.perf_counter(), produced
+            decode_start, decode_from = now, produced
     if engine.model.device.type == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()
-    full_end = full_end or end
-    timing = Timing(end - start, end - (decode_start or end), produced - decode_from,
-                    full_end - (decode_start or full_end), full_produced - decode_from)
+    full_seconds, full_tokens = 0.0, 0
+    if first_finish is not None and first_finish[2]:  # the first finish came after every request was decoding
+        full_seconds, full_tokens = first_finish[0] - decode_start, first_finish[1] - decode_from
+    timing = Timing(end - start, end - (decode_start or end), produced - decode_from, full_seconds, full_tokens)
     return [outputs[f"b{i}"] for i in range(len(prompts))], timing
 
 
@@ -161,8 +165,8 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                                                                or batch * (context + 64))),
                         files,
                     )
-                    # warm-up at the same batch size on short prompts: kernels compile and CUDA graphs are captured
-                    # for the batch's shapes (they do not depend on context length)
+                    # warm-up at the same batch size on short prompts: kernels compile (the engine captured its
+                    # decode-phase CUDA graphs when it was built)
                     run_engine(engine, [p[:256] for p in prompts], 24, tqdm(disable=True))
                     engine.reset_stats()
                     outputs, timing = run_engine(engine, prompts, args.max_tokens, bar)

@@ -23,7 +23,7 @@ from specattn.engine.sampling import SamplingParams
 
 
 def _timed_phases(engine: LLMEngine, steps: int) -> dict[str, float]:
-    """Seconds per step in the draft chain, the verification forward, the draft refresh (scores + selection) and the rest,
+    """Seconds per step in the draft chain, the verification forward (score extraction included), the selection and the rest,
     each phase ended by a device sync (so the sum is a little above the bare step)."""
     spent = {"drafts": 0.0, "forward": 0.0, "refresh": 0.0}
 

@@ -175,10 +175,13 @@ def test_attention_backend_choice():
         EngineConfig(attention="xformers")
 
 
-def test_graph_warm_up_steps_leave_requests_untouched(make_engine, alone):
+@pytest.mark.parametrize("page_size,gamma", [(16, 3), (4, 4)], ids=["gamma-3", "verification-longer-than-a-page"])
+def test_graph_warm_up_steps_leave_requests_untouched(make_engine, alone, page_size, gamma):
     """The start-up capture runs every decode-phase step shape (each γ: scored decode, verification, draft chain) on
-    padding sequences of the scratch page — eagerly here, on the CPU: it takes no KV pages, and requests decode as before."""
-    engine = make_engine(spec=SpecConfig(drafter="specattn", gamma=3, adaptive=True, budget_ratio=0.1, min_budget=6))
+    padding sequences of the scratch page — eagerly here, on the CPU: it takes no KV pages, and requests decode as before.
+    A verification longer than a page cannot be a graph and is left out rather than run past the scratch page."""
+    engine = make_engine(page_size=page_size, num_pages=2048 // page_size * 4,
+                         spec=SpecConfig(drafter="specattn", gamma=gamma, adaptive=True, budget_ratio=0.1, min_budget=6))
     engine.runner.backend.graph_batches = [1, 3]
     engine._capture_graphs()
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_pages
