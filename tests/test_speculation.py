@@ -129,8 +129,10 @@ def test_seeded_choice_is_an_exact_sample_of_the_target():
 
 def test_seeded_sampling_with_speculation_equals_plain_sampling(make_engine, prompt_ids):
     """Same seeds, sampled at temperature 0.8 / top-p 0.95: speculation commits exactly plain sampling's tokens,
-    also when the requests are batched differently (so the seed, not the batch, decides)."""
-    params = [SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=100 + i, ignore_eos=True)
+    also when the requests are batched differently (so the seed, not the batch, decides), and with greedy requests
+    in the same batch (drafts then choose per request: argmax for these, seeded noise for the others)."""
+    params = [SamplingParams(max_tokens=24, temperature=0.0 if i % 3 == 0 else 0.8, top_p=0.95, seed=100 + i,
+                             ignore_eos=True)
               for i in range(len(prompt_ids))]
     plain = make_engine(spec=PLAIN)
     alone = []
