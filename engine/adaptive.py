@@ -12,7 +12,8 @@ read off the line through the measured ones (with only one measured, c is taken 
 shorter drafts look cheaper than they are, so they get tried and measured rather than written off).
 Acceptance is a decayed count per position. Plain decoding is measured first, then γ_max once;
 while plain decoding wins, the most promising γ is probed now and then (only if speculation could
-win with every draft accepted) so that a change in the text's predictability is noticed.
+win with every draft accepted; after 32 steps, then twice as long after each probe plain decoding
+still wins, up to 1024) so that a change in the text's predictability is noticed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections import Counter
 
 _EMA = 0.2  # weight of a new timing sample
 _DECAY = 0.98  # per recorded verification: acceptance remembers roughly the last 50 drafts
-_PROBE_EVERY = 32  # steps between probes of speculation while plain decoding wins
+_PROBE_EVERY = 32  # steps before the first probe of speculation while plain decoding wins
+_PROBE_EVERY_MAX = 1024  # each probe that plain decoding still wins doubles the wait, up to this
 _MARGIN = 1.05  # speculation must promise this much more throughput than plain decoding
 
 
@@ -38,6 +40,8 @@ class GammaController:
         self._accepted = [4.0 * prior_acceptance] * max_gamma
         self._step_time: dict[int, dict[int, float]] = {}  # bucket -> gamma -> seconds per decode step
         self._steps = 0
+        self._probe_wait = _PROBE_EVERY
+        self._next_probe = _PROBE_EVERY
         self.last_gamma = 0
         self.histogram: Counter[int] = Counter()  # decode steps per chosen gamma
 
@@ -71,10 +75,16 @@ class GammaController:
         rates = {g: self.expected_tokens(g) / cost(g) for g in range(1, self.max_gamma + 1)}
         best = max(rates, key=rates.get)
         if rates[best] > _MARGIN / times[0]:
+            self._probe_wait = _PROBE_EVERY
             return best
-        # probe only where speculation could win at all: if every draft were accepted
+        # probe only where speculation could win at all (if every draft were accepted), and less often each
+        # time plain decoding keeps winning: a probe costs a whole speculative step
         could_win = any((g + 1) / cost(g) > 1 / times[0] for g in rates)
-        return best if could_win and self._steps % _PROBE_EVERY == 0 else 0
+        if could_win and self._steps >= self._next_probe:
+            self._next_probe = self._steps + self._probe_wait
+            self._probe_wait = min(2 * self._probe_wait, _PROBE_EVERY_MAX)
+            return best
+        return 0
 
     @staticmethod
     def _step_cost(times: dict[int, float]):

@@ -39,8 +39,9 @@ def _simulate(step_cost, accept: float, steps: int = 600, batch: int = 16) -> tu
     [
         (0.5, 0.1, 0.9),  # speculation pays, most at γ max
         (1.5, 0.2, 0.9),  # a large fixed cost: only long drafts pay (a γ = 1 measurement alone would say "never")
-        (0.3, 0.6, 0.6),  # drafts are dear and often wrong: a short γ is best
+        (0.1, 0.3, 0.6),  # drafts are often wrong: a short γ is best
         (3.0, 2.0, 0.9),  # speculation never pays: plain decoding
+        (3.0, 0.2, 0.8),  # it could pay if every draft were accepted, but does not: rare probes only
         (0.2, 0.2, 0.1),  # drafts are almost always rejected: plain decoding
     ],
 )
@@ -51,7 +52,9 @@ def test_adaptive_reaches_the_best_fixed_choice(fixed, per_draft, accept):
     rates = {g: _expected_tokens(g, accept) / cost(g) for g in range(MAX_GAMMA + 1)}
     best = max(rates, key=rates.get)
     reached, ctl = _simulate(cost, accept)
-    # within 10 % of the best fixed γ (the probes and the first measurements cost a little), never far below plain
+    # within 10 % of the best fixed γ (the first measurements cost a little); where plain decoding is best, the
+    # probes of speculation cost under 2.5 %
     assert reached >= 0.9 * rates[best], (reached, rates, ctl.histogram)
-    assert reached >= 0.95 * rates[0]
-    assert ctl.histogram.most_common(1)[0][0] == best, (ctl.histogram, rates)
+    assert reached >= (0.975 if best == 0 else 1.0) * rates[0], (reached, ctl.histogram)
+    settled = ctl.histogram.most_common(1)[0][0]
+    assert rates[settled] >= 0.98 * rates[best], (ctl.histogram, rates)  # the best γ, or one as good within 2 %
