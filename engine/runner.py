@@ -57,10 +57,13 @@ class ModelRunner:
         """The step shapes captured as CUDA graphs so far."""
         return list(self._graphs)
 
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        # CUDA graphs, their memory pool and Triton launch on the thread's current device, which need not be ours
+        return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
+
     def run(self, seqs: list[SequenceInput]) -> StepResult:
         """Write every sequence's new K/V into the cache; return the logits (and scores) each sequence asked for."""
-        # CUDA graphs, their memory pool and Triton launch on the thread's current device, which need not be ours
-        with torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext():
+        with self._on_device():
             return self._run(seqs)
 
     def run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> list[list[int]]:
@@ -69,7 +72,7 @@ class ModelRunner:
         choose None: greedy, the chain stays on the device (one CUDA graph when the batch fits one, one sync);
         otherwise choose(j, logits) picks each draft's tokens on the host.
         """
-        with torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext():
+        with self._on_device():
             return self._run_drafts(seqs, num_drafts, choose)
 
     def _run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> list[list[int]]:
@@ -85,11 +88,7 @@ class ModelRunner:
             if shape is None:
                 tokens = self._draft_chain(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev), num_drafts)
             else:
-                chain_shape = replace(shape, num_drafts=num_drafts)
-                step = self._graphs.get(chain_shape) or self._capture(chain_shape, ids, positions, seqs)
-                step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
-                step.positions.copy_(torch.tensor(positions), non_blocking=True)
-                step.graph.replay()
+                step = self._replay(replace(shape, num_drafts=num_drafts), seqs, ids, positions)
                 tokens = step.argmax.view(shape.batch, num_drafts)  # a one-draft "chain" is a plain forward's graph
             return tokens[:n].tolist()
         drafts: list[list[int]] = [[] for _ in seqs]
@@ -125,11 +124,16 @@ class ModelRunner:
         dev = self.model.device
         if shape is None:
             return self._forward_logits(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev))
+        step = self._replay(shape, seqs, ids, positions)
+        return step.logits, step.argmax
+
+    def _replay(self, shape: GraphShape, seqs: list[SequenceInput], ids: list[int], positions: list[int]) -> _CapturedStep:
+        """Run the graph of this planned shape (capturing it if it is new) on these padded inputs."""
         step = self._graphs.get(shape) or self._capture(shape, ids, positions, seqs)
         step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
         step.positions.copy_(torch.tensor(positions), non_blocking=True)
         step.graph.replay()
-        return step.logits, step.argmax
+        return step
 
     def _run(self, seqs: list[SequenceInput]) -> StepResult:
         shape = self._plan(seqs)
