@@ -72,12 +72,12 @@ class LLMEngine:
             return
         scratch = [self.cache.scratch_page]
         spec = self.config.spec
-        gammas = [] if self.drafter is None else range(1, spec.max_gamma + 1) if spec.adaptive else [spec.max_gamma]
+        choices = range(1, spec.max_gamma + 1) if spec.adaptive else [spec.max_gamma]
+        # a verification longer than a page is never a graph (padding lives on the one scratch page)
+        gammas = [] if self.drafter is None else [g for g in choices if g + 1 <= self.cache.page_size]
         no_selection = torch.empty(self.model_config.num_layers, 0, dtype=torch.int32, device=self.cache.k.device)
         first_slot = self.cache.scratch_page * self.cache.page_size
         scored = self.drafter is not None and self.drafter.needs_scores
-        # a verification longer than a page is never a graph (padding lives on the one scratch page)
-        gammas = [g for g in gammas if g + 1 <= self.cache.page_size]
         # one draft forward at a time serves sampling requests, whatever γ
         chains = sorted({1, *gammas}) if self.drafter is not None else []
         for b in buckets:
