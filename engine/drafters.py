@@ -60,11 +60,13 @@ class StreamingDrafter(Drafter):
 
     def select(self, anchors: list[int], scores: ScoreBatch | None, device: torch.device) -> Selection:
         budgets = [self.budget(a + 1) for a in anchors]
-        rows = []
-        for anchor, k in zip(anchors, budgets):
-            sink = min(self.config.sink_tokens, k)
-            rows.append(list(range(sink)) + list(range(anchor + 1 - (k - sink), anchor + 1)) + [0] * (max(budgets) - k))
-        positions = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        # row j: positions 0..sink-1, then the window ending at the anchor, then padding (built on the device: a
+        # Python list of every position would be host work per verification, growing with the context)
+        k = torch.tensor(budgets, device=device)[:, None]
+        sink = k.clamp(max=self.config.sink_tokens)
+        window_start = torch.tensor(anchors, device=device)[:, None] + 1 - (k - sink)
+        rank = torch.arange(max(budgets), device=device)[None, :]
+        positions = torch.where(rank < sink, rank, window_start + rank - sink).masked_fill(rank >= k, 0)
         return Selection(positions[None].expand(self.num_layers, -1, -1), budgets)
 
 

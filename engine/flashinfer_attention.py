@@ -262,7 +262,7 @@ class FlashInferAttentionBackend:
             bucket = None  # more than the fixed buffers hold (e.g. many plain steps since the anchor): run eagerly
         if bucket is None:
             shape, batch = None, len(seqs)
-            plan = self._draft_plan(batch, torch.empty_like(selected), torch.empty(batch, width, dtype=torch.int32, device=self.device))
+            plan = self._draft_plan(batch, selected, torch.empty(batch, width, dtype=torch.int32, device=self.device))
         else:
             shape, batch = GraphShape("draft", bucket, 1), bucket
             if shape not in self._graph_plans:
@@ -274,7 +274,8 @@ class FlashInferAttentionBackend:
         recent = np.full(tuple(plan.recent.shape), self._scratch_slot, dtype=np.int32)
         for row, s in zip(recent, seqs):
             row[: len(s.sparse.recent)] = s.sparse.recent
-        plan.selected[:, : selected.shape[1]].copy_(selected)
+        if plan.selected is not selected:  # a graph shape's fixed buffer (an eager plan reads the batch's own)
+            plan.selected[:, : selected.shape[1]].copy_(selected)
         plan.sel_indptr.copy_(_int32(np.cumsum([0] + [s.sparse.selected.shape[1] for s in seqs] + [0] * pad)))
         plan.recent.copy_(torch.from_numpy(recent))
         plan.counts.copy_(_int32([s.sparse.num_recent(s.start_pos) for s in seqs] + [1] * pad))

@@ -73,9 +73,8 @@ class DecoderModel:
             # imported only here: the torch path has no Triton dependency
             from specattn.kernels import fused_layer
 
-            self._add_rms_norm, self._rope, self._silu_mul = (
-                fused_layer.add_rms_norm, fused_layer.rope_, fused_layer.silu_mul)
-            self._rms_norm = fused_layer.rms_norm
+            self._add_rms_norm, self._rope, self._silu_mul, self._rms_norm = (
+                fused_layer.add_rms_norm, fused_layer.rope_, fused_layer.silu_mul, fused_layer.rms_norm)
         else:
             self._add_rms_norm, self._rope, self._silu_mul = add_rms_norm, apply_rope, silu_mul
         c = config

@@ -203,3 +203,16 @@ def test_triton_draft_attention_equals_reference(heads, kv_heads):
 def test_gpu_triton_draft_attention_equals_reference(dtype):
     got, expected = _draft_case("cuda", dtype, 9, 3, seed=5)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_streaming_selection_is_sinks_plus_the_window_before_the_anchor():
+    from specattn.engine.config import SpecConfig
+    from specattn.engine.drafters import StreamingDrafter
+
+    drafter = StreamingDrafter(SpecConfig(drafter="streaming", budget_ratio=0.1, min_budget=6, sink_tokens=4), 2)
+    anchors = [99, 9, 3]  # budgets 10, 6 (the minimum), 4 (the whole span)
+    sel = drafter.select(anchors, None, torch.device("cpu"))
+    assert sel.budgets == [10, 6, 4]
+    rows = [sel.positions[1, j, :k].tolist() for j, k in enumerate(sel.budgets)]
+    assert rows == [[0, 1, 2, 3, 94, 95, 96, 97, 98, 99], [0, 1, 2, 3, 8, 9], [0, 1, 2, 3]]
+    assert torch.equal(sel.positions[0], sel.positions[1])
