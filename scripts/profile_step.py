@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gzip
 import io
 import pstats
+import shutil
 import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
@@ -60,19 +63,22 @@ def main() -> None:
     args = p.parse_args()
     files = load_model_files(None)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (args.context - 256,), generator=g).tolist() for _ in range(args.batch)]
+    # room for every decode step below, and prefill in few steps: requests that finish prefill early decode
+    # while the rest prefill, and none may finish before the measured steps (that would shrink the batch)
+    prompts = [torch.randint(100, 40000, (args.context - 512,), generator=g).tolist() for _ in range(args.batch)]
     pages = args.batch * (args.context // 16 + 8)
     report = []
     for drafter, gamma in (("none", 0), ("specattn", 4)):
         engine = LLMEngine(EngineConfig(device="cuda", spec=SpecConfig(drafter=drafter, gamma=max(gamma, 1), adaptive=False),
                                         cache=CacheConfig(num_pages=pages),
-                                        scheduler=SchedulerConfig(max_num_seqs=args.batch, max_num_batched_tokens=16384)), files)
+                                        scheduler=SchedulerConfig(max_num_seqs=args.batch, max_num_batched_tokens=32768)), files)
         for i, ids in enumerate(prompts):
-            engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=240, temperature=0, ignore_eos=True))
+            engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
         while any(r.num_computed < len(r.prompt_ids) for r in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
         for _ in range(4):
             engine.step()
+        assert engine.num_running == args.batch, f"{engine.num_running} of {args.batch} requests running"
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(args.steps):
@@ -89,6 +95,11 @@ def main() -> None:
                 engine.step()
             torch.cuda.synchronize()
         per_step = (time.perf_counter() - t0) / args.steps
+        trace = Path(args.out, f"trace-{drafter}.json")
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
         # host-side Python: where the step's wall time goes outside torch ops
         stats_io = io.StringIO()
         py = cProfile.Profile()
@@ -99,10 +110,16 @@ def main() -> None:
         torch.cuda.synchronize()
         py.disable()
         plain_step = (time.perf_counter() - t1) / args.steps
-        pstats.Stats(py, stream=stats_io).sort_stats("tottime").print_stats(30)
-        report.append(f"## {drafter}: {plain_step * 1000:.1f} ms/step under cProfile\n\n```\n{stats_io.getvalue()[-9000:]}\n```\n")
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
-        cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        pstats.Stats(py, stream=stats_io).sort_stats("tottime").print_stats(25)
+        pstats.Stats(py, stream=stats_io).sort_stats("cumulative").print_stats(35)
+        report.append(f"## {drafter}: {plain_step * 1000:.1f} ms/step under cProfile\n\n```\n{stats_io.getvalue()[-16000:]}\n```\n")
+        averages = prof.key_averages()
+        table = averages.table(sort_by="cuda_time_total", row_limit=18)
+        # kernel time per step against the bare step: what is left is the device waiting for the host
+        busy = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / args.steps / 1000
+        report.append(f"## {drafter}: device busy {busy:.1f} ms/step of {bare_step * 1000:.1f} (kernels, profiled steps)\n")
+        print(f"{drafter}: device busy {busy:.1f} ms/step")
+        cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=12)
         report.append(f"## {drafter} gamma={gamma} batch={args.batch} context={args.context}: {per_step * 1000:.1f} ms/step "
                       f"(profiled)\n\n```\n{table}\n```\n\nBy host time:\n\n```\n{cpu_table}\n```\n")
         print(f"{drafter}: {per_step * 1000:.1f} ms/step")
