@@ -189,17 +189,19 @@ class LLMEngine:
             if c.num_tokens == 1 and c.completes_sequence and c.request.draft is not None and c.start < room
         ]
         gamma = self.gamma_controller.choose(len(decodes)) if decodes else 0
-        drafts = self._draft(decodes, gamma) if gamma else {}
+        # the drafts stay on the device: the verification reads them there, queued right behind the draft chain
+        drafts = self._draft(decodes, gamma) if gamma else None
+        drafted = {c.request.request_id: j for j, c in enumerate(decodes)} if gamma else {}
 
         seqs, refreshes = [], []
         for c in chunks:
             req = c.request
-            draft = drafts.get(req.request_id)
-            tokens = req.token_slice(c.start, c.start + c.num_tokens) + (draft or [])
+            num_drafted = gamma if req.request_id in drafted else 0
+            tokens = req.token_slice(c.start, c.start + c.num_tokens) + [0] * num_drafted
             # a new selection after prefill and after each speculative verification; plain (γ = 0)
             # steps keep the old one (every later position counts as recent) until it is stale
             stale = req.draft is not None and c.start - req.draft.anchor >= _REFRESH_AFTER
-            refresh = drafting and c.completes_sequence and (draft is not None or req.draft is None or stale)
+            refresh = drafting and c.completes_sequence and (num_drafted > 0 or req.draft is None or stale)
             scored = refresh and self.drafter.needs_scores
             refreshes.append(refresh)
             seqs.append(
@@ -211,9 +213,11 @@ class LLMEngine:
                     # SpecAttn scores the verification's first and last rows over [0, anchor]
                     score_rows=(c.num_tokens - 1, len(tokens) - 1) if scored else (),
                     score_len=c.start + c.num_tokens if scored else 0,
+                    num_drafted=num_drafted,
                 )
             )
-        result = self.runner.run(seqs)
+        result = self.runner.run(seqs, drafts)
+        draft_rows = drafts.tolist() if drafts is not None else []
 
         outputs, refreshed = [], []
         for i, (chunk, seq, logits, argmax, refresh) in enumerate(
@@ -223,7 +227,7 @@ class LLMEngine:
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
                 continue
-            draft = drafts.get(req.request_id)
+            draft = draft_rows[drafted[req.request_id]] if req.request_id in drafted else None
             # logits row j chooses the token right after token (len - num_logits + j) of this step's input
             first = chunk.start + len(seq.token_ids) - seq.num_logits + 1
             target = argmax if req.params.greedy else choose_tokens(logits, req.params, req.seed, first)
@@ -255,8 +259,9 @@ class LLMEngine:
             if not req.finished:
                 req.draft = DraftState(anchor, slots[:, j, :k])
 
-    def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> dict[str, list[int]]:
-        """γ chained sparse forwards for all decoding requests at once; each sees only its draft positions."""
+    def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> torch.Tensor:
+        """γ chained sparse forwards for all decoding requests at once; each sees only its draft positions.
+        The draft tokens [chunks, γ], on the model's device."""
         seqs = [
             SequenceInput(
                 c.request.token_slice(c.start, c.start + 1), c.start, c.request.page_table, 1,
@@ -274,8 +279,7 @@ class LLMEngine:
             ]
 
         greedy = all(c.request.params.greedy for c in chunks)
-        tokens = self.runner.run_drafts(seqs, gamma, None if greedy else choose)
-        return {c.request.request_id: t for c, t in zip(chunks, tokens)}
+        return self.runner.run_drafts(seqs, gamma, None if greedy else choose)
 
     def reset_stats(self) -> None:
         """Forget speculation statistics, preemption count and the γ controller's measurements (benchmarks call this after a warm-up)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .attention import AttentionBackend, GraphShape, ScoreBatch, SequenceAttention, SparseKV
+from .kv_cache import PageTable
 from .model import DecoderModel
 
 
@@ -16,11 +17,14 @@ from .model import DecoderModel
 class SequenceInput:
     token_ids: list[int]  # the new tokens, at positions start_pos, start_pos + 1, ...
     start_pos: int
-    page_table: list[int]
+    page_table: PageTable | list[int]
     num_logits: int  # logits for this many trailing tokens (0 for a prefill chunk that is not the last)
     sparse: SparseKV | None = None  # a draft: the cache slots its one token (and the drafts after it) attend to
     score_rows: tuple[int, ...] = ()  # rows (indices into token_ids) whose attention weights to return
     score_len: int = 0  # ... over cache positions [0, score_len)
+    # the last num_drafted token_ids are placeholders for draft tokens still on the device: run() takes them from
+    # its `drafts` rows (one row per such sequence, in order), so a verification needs no host round-trip
+    num_drafted: int = 0
 
 
 @dataclass
@@ -61,21 +65,25 @@ class ModelRunner:
         # CUDA graphs, their memory pool and Triton launch on the thread's current device, which need not be ours
         return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
 
-    def run(self, seqs: list[SequenceInput]) -> StepResult:
-        """Write every sequence's new K/V into the cache; return the logits (and scores) each sequence asked for."""
+    def run(self, seqs: list[SequenceInput], drafts: torch.Tensor | None = None) -> StepResult:
+        """Write every sequence's new K/V into the cache; return the logits (and scores) each sequence asked for.
+
+        drafts: [sequences with num_drafted > 0, num_drafted] device tokens for their placeholders (from run_drafts).
+        """
         with self._on_device():
-            return self._run(seqs)
+            return self._run(seqs, drafts)
 
-    def run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> list[list[int]]:
+    def run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> torch.Tensor:
         """`num_drafts` chained draft forwards (each sequence one token, sparse): draft j's input is draft j−1's token.
+        Returns the tokens [sequences, num_drafts] on the model's device.
 
-        choose None: greedy, the chain stays on the device (one CUDA graph when the batch fits one, one sync);
-        otherwise choose(j, logits) picks each draft's tokens on the host.
+        choose None: greedy, the chain stays on the device (one CUDA graph when the batch fits one) and nothing
+        waits for it: the verification queues behind it; otherwise choose(j, logits) picks each draft's tokens on the host.
         """
         with self._on_device():
             return self._run_drafts(seqs, num_drafts, choose)
 
-    def _run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> list[list[int]]:
+    def _run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> torch.Tensor:
         assert all(s.sparse is not None and len(s.token_ids) == 1 for s in seqs)
         shape = self._plan(seqs)
         dev, n = self.model.device, len(seqs)
@@ -90,7 +98,7 @@ class ModelRunner:
             else:
                 step = self._replay(replace(shape, num_drafts=num_drafts), seqs, ids, positions)
                 tokens = step.argmax.view(shape.batch, num_drafts)  # a one-draft "chain" is a plain forward's graph
-            return tokens[:n].tolist()
+            return tokens[:n]
         drafts: list[list[int]] = [[] for _ in seqs]
         for j in range(num_drafts):
             if j:
@@ -100,7 +108,7 @@ class ModelRunner:
             for d, t in zip(drafts, chosen):
                 d.append(t)
             ids[:n] = chosen
-        return drafts
+        return torch.tensor(drafts, device=dev)
 
     def _draft_chain(self, input_ids: torch.Tensor, positions: torch.Tensor, num_drafts: int) -> torch.Tensor:
         """[sequences, num_drafts] greedy draft tokens, every draft fed the one before's token, all on the device."""
@@ -127,26 +135,38 @@ class ModelRunner:
         step = self._replay(shape, seqs, ids, positions)
         return step.logits, step.argmax
 
-    def _replay(self, shape: GraphShape, seqs: list[SequenceInput], ids: list[int], positions: list[int]) -> _CapturedStep:
-        """Run the graph of this planned shape (capturing it if it is new) on these padded inputs."""
+    def _replay(
+        self, shape: GraphShape, seqs: list[SequenceInput], ids: list[int], positions: list[int],
+        drafts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> _CapturedStep:
+        """Run the graph of this planned shape (capturing it if it is new) on these padded inputs
+        (drafts: flat token indices and device tokens to write over placeholder ids)."""
         step = self._graphs.get(shape) or self._capture(shape, ids, positions, seqs)
         step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
+        if drafts is not None:
+            step.input_ids[drafts[0]] = drafts[1]
         step.positions.copy_(torch.tensor(positions), non_blocking=True)
         step.graph.replay()
         return step
 
-    def _run(self, seqs: list[SequenceInput]) -> StepResult:
+    def _run(self, seqs: list[SequenceInput], drafts: torch.Tensor | None) -> StepResult:
         shape = self._plan(seqs)
         dev = self.model.device
         ids = [t for s in seqs for t in s.token_ids]
         positions = [p for s in seqs for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
-        rows, end = [], 0
+        rows, placeholders, end = [], [], 0
         for s in seqs:
             end += len(s.token_ids)
             rows.extend(range(end - s.num_logits, end))
+            placeholders.extend(range(end - s.num_drafted, end))
+        assert (drafts is None) == (not placeholders), "draft tokens come with placeholders for them"
+        filled = None if drafts is None else (torch.tensor(placeholders).to(dev, non_blocking=True), drafts.reshape(-1))
         row_index = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         if shape is None:
-            hidden = self.model.forward(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev), self.backend)
+            input_ids = torch.tensor(ids).to(dev)
+            if filled is not None:
+                input_ids[filled[0]] = filled[1]
+            hidden = self.model.forward(input_ids, torch.tensor(positions).to(dev), self.backend)
             logits = self.model.logits(hidden[row_index])
             greedy = logits.argmax(dim=-1)
         else:
@@ -154,8 +174,8 @@ class ModelRunner:
             pad = shape.num_tokens - len(ids)
             ids += [0] * pad
             positions += list(range(shape.query_len)) * (pad // shape.query_len)
-            logits, greedy = self._forward(shape, seqs, ids, positions)
-            logits, greedy = logits[row_index], greedy[row_index]
+            step = self._replay(shape, seqs, ids, positions, filled)
+            logits, greedy = step.logits[row_index], step.argmax[row_index]
         sizes = [s.num_logits for s in seqs]
         tokens = iter(greedy.tolist())
         argmax = [[next(tokens) for _ in range(n)] for n in sizes]
