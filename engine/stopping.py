@@ -20,6 +20,8 @@ class OutputTracker:
     def commit(self, tokens: list[int]) -> int:
         """Append tokens one by one until the request finishes; returns how many were taken."""
         req, params = self.request, self.request.params
+        if not params.stop:
+            return self._commit_ids(tokens)
         for n, tok in enumerate(tokens, start=1):
             req.output_ids.append(tok)
             prev_len = len(self.text)
@@ -36,6 +38,26 @@ class OutputTracker:
                 self.text += self.detok.flush()  # a character cut off by the last token still shows, as U+FFFD
                 return n
         return len(tokens)
+
+    def _commit_ids(self, tokens: list[int]) -> int:
+        """commit() without stop strings: ids and lengths alone decide where to stop, so the taken tokens are
+        detokenized together (once per step, not once per accepted draft)."""
+        req, params = self.request, self.request.params
+        taken = len(tokens)
+        for n, tok in enumerate(tokens, start=1):
+            length = len(req.output_ids) + n
+            if length >= params.min_tokens and (tok in self.eos_ids or tok in params.stop_token_ids):
+                req.finish_reason = FinishReason.STOP
+            elif length >= params.max_tokens or req.num_tokens + n >= req.max_total_tokens:
+                req.finish_reason = FinishReason.LENGTH
+            if req.finish_reason is not None:
+                taken = n
+                break
+        req.output_ids.extend(tokens[:taken])
+        self.text += self.detok.add(tokens[:taken])
+        if req.finish_reason is not None:
+            self.text += self.detok.flush()
+        return taken
 
     def _truncate_at_stop(self, prev_len: int) -> bool:
         start = max(0, prev_len - self.hold_back)
