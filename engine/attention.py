@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from specattn.kernels.reference import verification_scores
+from specattn.kernels.reference import verification_scores, write_kv
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PageTable
 
 # Sequences with at most this many queries (decodes, verifications, drafts) are padded together;
 # longer prefill chunks form their own group so decodes are not padded to a prefill's length.
@@ -51,7 +52,7 @@ class SequenceAttention:
 
     num_query: int
     start_pos: int
-    page_table: list[int]
+    page_table: PageTable | list[int]
     sparse: SparseKV | None = None  # a draft (one query); None = full causal attention
     # Score extraction (full attention only): these query rows' attention weights over positions [0, score_len).
     score_rows: tuple[int, ...] = ()
@@ -209,8 +210,10 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _page_tables(seqs: list[SequenceAttention]) -> torch.Tensor:
-        width = max(1, max(len(s.page_table) for s in seqs))
-        return torch.tensor([s.page_table + [0] * (width - len(s.page_table)) for s in seqs], dtype=torch.long)
+        tables = np.zeros((len(seqs), max(1, max(len(s.page_table) for s in seqs))), dtype=np.int64)
+        for row, s in zip(tables, seqs):
+            row[: len(s.page_table)] = np.asarray(s.page_table)
+        return torch.from_numpy(tables)
 
     @staticmethod
     def _pad_stack(slots: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,8 +225,7 @@ class TorchAttentionBackend:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[self._slot_mapping] = k
-        v_cache[self._slot_mapping] = v
+        write_kv(k, v, k_cache, v_cache, self._slot_mapping)
         out = torch.empty_like(q)
         for gi, g in enumerate(self._groups):
             li = layer if g.kv_slots.shape[0] > 1 else 0

@@ -12,7 +12,7 @@ from specattn.kernels.selection import select_critical_tokens_batched
 
 from .attention import ScoreBatch, SparseKV
 from .config import SpecConfig
-from .kv_cache import slot_of
+from .kv_cache import PageTable, slot_of
 
 
 @dataclass
@@ -22,7 +22,7 @@ class DraftState:
     anchor: int  # first query position of the last verification (after prefill: the last prompt position)
     selected: torch.Tensor  # [layers, k] cache slots of the selected positions (≤ anchor)
 
-    def attended(self, last_query_pos: int, page_table: list[int], page_size: int) -> SparseKV:
+    def attended(self, last_query_pos: int, page_table: PageTable, page_size: int) -> SparseKV:
         """What drafts up to last_query_pos attend: the selection and every position after the anchor."""
         recent = [slot_of(page_table, p, page_size) for p in range(self.anchor + 1, last_query_pos + 1)]
         return SparseKV(self.selected, self.anchor, recent)

@@ -17,13 +17,13 @@ log-sum-exps, and one Triton launch over all layers turns them into scores after
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from specattn.kernels.cache_write import write_kv
 from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.scores import verification_scores_paged
 
@@ -169,10 +169,8 @@ class FlashInferAttentionBackend:
         num_pages = [-(-s.end_pos // ps) for s in seqs] + [1] * pad
         indptr = np.zeros(len(num_pages) + 1, dtype=np.int32)
         np.cumsum(num_pages, out=indptr[1:])
-        page_ids = itertools.chain(
-            itertools.chain.from_iterable(s.page_table[:n] for s, n in zip(seqs, num_pages)), [self.cache.scratch_page] * pad
-        )
-        indices = torch.from_numpy(np.fromiter(page_ids, np.int32, count=int(indptr[-1])))
+        tables = [np.asarray(s.page_table)[:n] for s, n in zip(seqs, num_pages)]
+        indices = torch.from_numpy(np.concatenate(tables + [np.full(pad, self.cache.scratch_page)]).astype(np.int32, copy=False))
         last_len = _int32([s.end_pos - (n - 1) * ps for s, n in zip(seqs, num_pages)] + [q] * pad)
         dims = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         starts = np.cumsum([0] + [s.num_query for s in seqs])
@@ -292,8 +290,7 @@ class FlashInferAttentionBackend:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         plan = self._plan
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[plan.slot_mapping] = k
-        v_cache[plan.slot_mapping] = v
+        write_kv(k, v, k_cache, v_cache, plan.slot_mapping)
         if isinstance(plan, _DraftPlan):
             return sparse_draft_attention(
                 q, k_cache, v_cache, plan.selected[layer], plan.sel_indptr, plan.recent, plan.counts, self.scale

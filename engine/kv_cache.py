@@ -2,14 +2,61 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
+import numpy as np
 import torch
 
 from .config import CacheConfig, ModelConfig
 
 
-def slot_of(page_table: list[int], position: int, page_size: int) -> int:
+def slot_of(page_table: PageTable | list[int], position: int, page_size: int) -> int:
     """The cache slot that holds a sequence's token at this position."""
     return page_table[position // page_size] * page_size + position % page_size
+
+
+class PageTable:
+    """A sequence's cache pages in order. Kept in an int32 array (grown by doubling) so that a step gathers the
+    page ids of every sequence with one np.concatenate: iterating Python lists of 64k ids (128 sequences at 8k
+    context) cost 1.6 ms of host time per step, while the GPU waited."""
+
+    def __init__(self, pages: Iterable[int] = ()):
+        self._pages = np.zeros(16, dtype=np.int32)
+        self._len = 0
+        self.extend(pages)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The pages as an int32 array (a view: valid until the table next grows)."""
+        return self._pages[: self._len]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.array if dtype is None else self.array.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> int:
+        return int(self.array[index])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.array.tolist())
+
+    def __reversed__(self) -> Iterator[int]:
+        return iter(self.array[::-1].tolist())
+
+    def extend(self, pages: Iterable[int]) -> None:
+        new = np.fromiter(pages, dtype=np.int32)
+        end = self._len + len(new)
+        if end > len(self._pages):
+            grown = np.zeros(max(end, 2 * len(self._pages)), dtype=np.int32)
+            grown[: self._len] = self.array
+            self._pages = grown
+        self._pages[self._len : end] = new
+        self._len = end
+
+    def clear(self) -> None:
+        self._len = 0
 
 
 class PageAllocator:
@@ -28,10 +75,10 @@ class PageAllocator:
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_pages
 
-    def pages_needed(self, pages: list[int], num_tokens: int) -> int:
+    def pages_needed(self, pages: PageTable | list[int], num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.page_size) - len(pages))
 
-    def grow(self, pages: list[int], num_tokens: int) -> bool:
+    def grow(self, pages: PageTable | list[int], num_tokens: int) -> bool:
         """Extend a page table in place to hold num_tokens; False (and no change) if pages are short."""
         need = self.pages_needed(pages, num_tokens)
         if need > len(self._free):
@@ -39,7 +86,7 @@ class PageAllocator:
         pages.extend(self._free.pop() for _ in range(need))
         return True
 
-    def release(self, pages: list[int]) -> None:
+    def release(self, pages: PageTable | list[int]) -> None:
         self._free.extend(reversed(pages))
         pages.clear()
 

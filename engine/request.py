@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 
 from .drafters import DraftState
+from .kv_cache import PageTable
 from .sampling import SamplingParams
 
 
@@ -71,7 +72,7 @@ class Request:
     max_total_tokens: int  # prompt + output may not exceed this (the context length)
     seed: int = 0  # fixes the sampling noise of every position (unused when greedy)
     output_ids: list[int] = field(default_factory=list)
-    page_table: list[int] = field(default_factory=list)
+    page_table: PageTable = field(default_factory=PageTable)
     num_computed: int = 0  # tokens whose K/V are in the cache
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -5,11 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from specattn.engine.config import EngineConfig, SpecConfig
+from specattn.engine.kv_cache import PageAllocator, PageTable
+from specattn.engine.request import Request
 from specattn.engine.sampling import SamplingParams
+from specattn.engine.stopping import OutputTracker
 from tests.conftest import CAPITAL_QUESTION
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -187,3 +191,40 @@ def test_graph_warm_up_steps_leave_requests_untouched(make_engine, alone, page_s
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_pages
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     assert engine.generate(ids, GREEDY) == alone
+
+
+def test_page_table_grows_past_its_array_and_gives_every_page_back():
+    allocator = PageAllocator(num_pages=300, page_size=4)
+    table = PageTable()
+    assert allocator.grow(table, 10) and allocator.grow(table, 1000)  # 3 pages, then 250: the array grows twice
+    assert len(table) == 250 and list(table) == list(range(250)) and table[-1] == 249
+    assert np.asarray(table).dtype == np.int32 and np.asarray(table)[:3].tolist() == [0, 1, 2]
+    assert not allocator.grow(table, 1300) and len(table) == 250  # 75 more pages than are free: no change
+    allocator.release(table)
+    assert len(table) == 0 and allocator.num_free == 300
+    assert allocator.grow(PageTable(), 4 * 300)  # freed pages are handed out again
+
+
+@pytest.mark.parametrize("stop_at", ["eos", "max_tokens", "none"])
+def test_tokens_committed_together_equal_tokens_committed_one_by_one(engine, stop_at):
+    """A speculative step commits several tokens at once; where it stops, and the text, are those of one at a time."""
+    tok = engine.tokenizer
+    ids = tok.encode("Grüße aus Köln — ein schöner Tag 🙂 und noch viel mehr Text")
+    eos = next(iter(tok.eos_token_ids))
+    tokens = ids[:7] + [eos] + ids[7:] if stop_at == "eos" else ids
+    params = SamplingParams(max_tokens=9 if stop_at == "max_tokens" else 100, temperature=0)
+
+    def tracker() -> OutputTracker:
+        req = Request("r", [1, 2], params, arrival=0, max_total_tokens=1000)
+        return OutputTracker(req, tok)
+
+    together, one_by_one = tracker(), tracker()
+    taken = sum(together.commit(tokens[i : i + 5]) for i in range(0, len(tokens), 5) if together.request.finish_reason is None)
+    for t in tokens:
+        if one_by_one.request.finish_reason is None:
+            one_by_one.commit([t])
+    assert together.request.output_ids == one_by_one.request.output_ids and taken == len(together.request.output_ids)
+    assert together.request.finish_reason == one_by_one.request.finish_reason
+    assert together.text == one_by_one.text and together.text == tok.decode(together.request.output_ids)
+    expected = {"eos": 8, "max_tokens": 9, "none": len(tokens)}[stop_at]
+    assert taken == expected
