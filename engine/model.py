@@ -146,7 +146,7 @@ class DecoderModel:
             if w.q_norm is not None:
                 qk = self._qk_norm(qk, w)
             qk = self._rope(qk, cos, sin)  # fused: in place on qkv
-            o = attention(i, qk[:, : c.num_heads], qk[:, c.num_heads :], v.contiguous())
+            o = attention(i, qk[:, : c.num_heads], qk[:, c.num_heads :], v)
             x, residual = self._add_rms_norm(F.linear(o.reshape(n, q_out), w.o_proj), residual, w.post_norm, c.rms_norm_eps)
             delta = F.linear(self._silu_mul(F.linear(x, w.gate_up)), w.down)
         return self._add_rms_norm(delta, residual, self.final_norm, c.rms_norm_eps)[0]

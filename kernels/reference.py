@@ -51,3 +51,9 @@ def sparse_attention(
         )
         out.append(o[:, 0].to(q.dtype))
     return torch.stack(out)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Each new token's K and V into its cache slot: k_cache[slot_mapping[i]] = k[i], the same for v."""
+    k_cache[slot_mapping] = k
+    v_cache[slot_mapping] = v
