@@ -97,7 +97,9 @@ class ModelRunner:
                 tokens = self._draft_chain(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev), num_drafts)
             else:
                 step = self._replay(replace(shape, num_drafts=num_drafts), seqs, ids, positions)
-                tokens = step.argmax.view(shape.batch, num_drafts)  # a one-draft "chain" is a plain forward's graph
+                # a one-draft "chain" is a plain forward's graph. Its output lives in the graphs' shared memory pool,
+                # which the verification's graph reuses: copied out before that replays (the host reads it after)
+                tokens = step.argmax.view(shape.batch, num_drafts).clone()
             return tokens[:n]
         drafts: list[list[int]] = [[] for _ in seqs]
         for j in range(num_drafts):

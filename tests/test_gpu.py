@@ -80,6 +80,15 @@ def test_gpu_flashinfer_speculation_matches_plain_decoding(make_engine, smollm_f
         _same_or_near_tie(reference, prompts, plain, engine.generate(prompts, params), f"{drafter} vs plain")
         assert {"draft", "verify"} <= {s.kind for s in engine.runner.graph_shapes}
         assert 0.3 < engine.stats().spec.acceptance_rate < 1
+    # graphed drafts are the eager ones: a draft the host read wrong is rejected (outputs stay right, speed is lost)
+    eager = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), enforce_eager=True, **kw)
+    for n in (13, 5, 2):  # batch buckets 16, 8 and 2
+        rates = []
+        for e in (engine, eager):
+            e.reset_stats()
+            e.generate(prompts[:n], params)
+            rates.append(e.stats().spec.acceptance_rate)
+        assert abs(rates[0] - rates[1]) < 0.05, f"batch {n}: graphed drafts accepted at {rates[0]:.2f}, eager at {rates[1]:.2f}"
     adaptive = make_engine(spec=SpecConfig(drafter="specattn"), **kw)
     _same_or_near_tie(reference, prompts, plain, adaptive.generate(prompts, params), "adaptive specattn vs plain")
 
