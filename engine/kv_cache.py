@@ -16,11 +16,13 @@ def slot_of(page_table: PageTable | list[int], position: int, page_size: int) ->
 
 
 class PageTable:
-    """A sequence's cache pages in order. Kept in an int32 array (grown by doubling) so that a step gathers the
-    page ids of every sequence with one np.concatenate: iterating Python lists of 64k ids (128 sequences at 8k
-    context) cost 1.6 ms of host time per step, while the GPU waited."""
+    """A sequence's cache pages in order, twice: a Python list for single lookups (slot_of, per token) and an
+    int32 array (grown by doubling) so that a step gathers the page ids of every sequence with one
+    np.concatenate: iterating Python lists of 64k ids (128 sequences at 8k context) cost 1.6 ms of host time
+    per step, while the GPU waited."""
 
     def __init__(self, pages: Iterable[int] = ()):
+        self._list: list[int] = []
         self._pages = np.zeros(16, dtype=np.int32)
         self._len = 0
         self.extend(pages)
@@ -37,16 +39,18 @@ class PageTable:
         return self._len
 
     def __getitem__(self, index: int) -> int:
-        return int(self.array[index])
+        return self._list[index]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.array.tolist())
+        return iter(self._list)
 
     def __reversed__(self) -> Iterator[int]:
-        return iter(self.array[::-1].tolist())
+        return reversed(self._list)
 
     def extend(self, pages: Iterable[int]) -> None:
-        new = np.fromiter(pages, dtype=np.int32)
+        added = list(pages)
+        self._list.extend(added)
+        new = np.asarray(added, dtype=np.int32)
         end = self._len + len(new)
         if end > len(self._pages):
             grown = np.zeros(max(end, 2 * len(self._pages)), dtype=np.int32)
@@ -56,6 +60,7 @@ class PageTable:
         self._len = end
 
     def clear(self) -> None:
+        self._list.clear()
         self._len = 0
 
 
