@@ -62,9 +62,9 @@ class StreamingDrafter(Drafter):
         budgets = [self.budget(a + 1) for a in anchors]
         # row j: positions 0..sink-1, then the window ending at the anchor, then padding (built on the device: a
         # Python list of every position would be host work per verification, growing with the context)
-        k = torch.tensor(budgets, device=device)[:, None]
+        k = torch.tensor(budgets).to(device, non_blocking=True)[:, None]
         sink = k.clamp(max=self.config.sink_tokens)
-        window_start = torch.tensor(anchors, device=device)[:, None] + 1 - (k - sink)
+        window_start = torch.tensor(anchors).to(device, non_blocking=True)[:, None] + 1 - (k - sink)
         rank = torch.arange(max(budgets), device=device)[None, :]
         positions = torch.where(rank < sink, rank, window_start + rank - sink).masked_fill(rank >= k, 0)
         return Selection(positions[None].expand(self.num_layers, -1, -1), budgets)

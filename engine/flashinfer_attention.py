@@ -13,6 +13,9 @@ prefill tail of that length), up to the largest batch bucket, run from fixed buf
 with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.
 SpecAttn's scores need only q·K of two rows per sequence: each layer keeps those rows' queries and
 log-sum-exps, and one Triton launch over all layers turns them into scores after the forward.
+Every host-to-device copy of a plan is non-blocking (a pageable source is staged at once, so it may be
+freed): a blocking copy would make the host wait for all queued GPU work, e.g. for the draft chain
+before it could plan the verification that follows it.
 """
 
 from __future__ import annotations
@@ -182,13 +185,16 @@ class FlashInferAttentionBackend:
             kind = "verify" if q > 1 else "scored_decode" if self._scored else "decode"
             shape = GraphShape(kind, bucket, q)
             plan = self._graph_plan(shape)
-            plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, q))
+            plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, q), non_blocking=True)
             if plan.rows is not None:
                 # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
                 rows = [s.scored_pair if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
-                plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]))
-            plan.wrapper.plan(torch.from_numpy(indptr), indices, last_len, *dims, q_len_per_req=q, **self._kernel_args())
-            self._scored_index = None if self._scored == list(range(len(self._scored))) else torch.tensor(self._scored, device=self.device)
+                plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]), non_blocking=True)
+            # indices handed over on the device: FlashInfer copies host indices blocking (waiting for the draft chain)
+            plan.wrapper.plan(torch.from_numpy(indptr), indices.to(self.device, non_blocking=True), last_len, *dims,
+                              q_len_per_req=q, **self._kernel_args())
+            self._scored_index = (None if self._scored == list(range(len(self._scored)))
+                                  else torch.tensor(self._scored).to(self.device, non_blocking=True))
         else:
             kind = "decode" if q == 1 and all(s.num_query == 1 for s in seqs) and not self._scored else "prefill"
             dev_indices = indices.to(self.device, non_blocking=True)
@@ -203,7 +209,7 @@ class FlashInferAttentionBackend:
                                    **self._kernel_args())
             if self._scored:
                 rows = [int(starts[i]) + r for i in self._scored for r in seqs[i].scored_pair]
-                plan.rows = torch.tensor(rows, device=self.device)
+                plan.rows = torch.tensor(rows).to(self.device, non_blocking=True)
                 plan.q_rows = torch.empty(self.num_layers, len(self._scored), 2, self.num_heads, self.head_dim,
                                           dtype=self.cache.k.dtype, device=self.device)
                 plan.lse_rows = torch.empty(self.num_layers, len(self._scored), 2, self.num_heads, device=self.device)
@@ -274,9 +280,9 @@ class FlashInferAttentionBackend:
             row[: len(s.sparse.recent)] = s.sparse.recent
         if plan.selected is not selected:  # a graph shape's fixed buffer (an eager plan reads the batch's own)
             plan.selected[:, : selected.shape[1]].copy_(selected)
-        plan.sel_indptr.copy_(_int32(np.cumsum([0] + [s.sparse.selected.shape[1] for s in seqs] + [0] * pad)))
-        plan.recent.copy_(torch.from_numpy(recent))
-        plan.counts.copy_(_int32([s.sparse.num_recent(s.start_pos) for s in seqs] + [1] * pad))
+        plan.sel_indptr.copy_(_int32(np.cumsum([0] + [s.sparse.selected.shape[1] for s in seqs] + [0] * pad)), non_blocking=True)
+        plan.recent.copy_(torch.from_numpy(recent), non_blocking=True)
+        plan.counts.copy_(_int32([s.sparse.num_recent(s.start_pos) for s in seqs] + [1] * pad), non_blocking=True)
         plan.update_write_slots()
         self._plan = plan
         return shape
@@ -326,6 +332,6 @@ class FlashInferAttentionBackend:
         ps = self.cache.page_size
         plan = self._plan
         assert isinstance(plan, _Plan), "slots_of() maps positions of the last full-attention step"
-        first_page = plan.indptr[torch.tensor(seq_indices, device=self.device)]
+        first_page = plan.indptr[torch.tensor(seq_indices).to(self.device, non_blocking=True)]
         page = (first_page[None, :, None] + positions // ps).clamp(max=plan.indices.shape[0] - 1)
         return (plan.indices[page] * ps + positions % ps).to(torch.int32)

@@ -94,7 +94,8 @@ class ModelRunner:
             ids, positions = ids + [0] * pad, positions + [0] * pad
         if choose is None:
             if shape is None:
-                tokens = self._draft_chain(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev), num_drafts)
+                tokens = self._draft_chain(torch.tensor(ids).to(dev, non_blocking=True),
+                                           torch.tensor(positions).to(dev, non_blocking=True), num_drafts)
             else:
                 step = self._replay(replace(shape, num_drafts=num_drafts), seqs, ids, positions)
                 # a one-draft "chain" is a plain forward's graph. Its output lives in the graphs' shared memory pool,
@@ -110,7 +111,7 @@ class ModelRunner:
             for d, t in zip(drafts, chosen):
                 d.append(t)
             ids[:n] = chosen
-        return torch.tensor(drafts, device=dev)
+        return torch.tensor(drafts).to(dev, non_blocking=True)
 
     def _draft_chain(self, input_ids: torch.Tensor, positions: torch.Tensor, num_drafts: int) -> torch.Tensor:
         """[sequences, num_drafts] greedy draft tokens, every draft fed the one before's token, all on the device."""
@@ -133,7 +134,7 @@ class ModelRunner:
         """Logits and argmax of every token of a planned step (a CUDA graph's: padding rows included)."""
         dev = self.model.device
         if shape is None:
-            return self._forward_logits(torch.tensor(ids).to(dev), torch.tensor(positions).to(dev))
+            return self._forward_logits(torch.tensor(ids).to(dev, non_blocking=True), torch.tensor(positions).to(dev, non_blocking=True))
         step = self._replay(shape, seqs, ids, positions)
         return step.logits, step.argmax
 
@@ -165,10 +166,10 @@ class ModelRunner:
         filled = None if drafts is None else (torch.tensor(placeholders).to(dev, non_blocking=True), drafts.reshape(-1))
         row_index = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         if shape is None:
-            input_ids = torch.tensor(ids).to(dev)
+            input_ids = torch.tensor(ids).to(dev, non_blocking=True)
             if filled is not None:
                 input_ids[filled[0]] = filled[1]
-            hidden = self.model.forward(input_ids, torch.tensor(positions).to(dev), self.backend)
+            hidden = self.model.forward(input_ids, torch.tensor(positions).to(dev, non_blocking=True), self.backend)
             logits = self.model.logits(hidden[row_index])
             greedy = logits.argmax(dim=-1)
         else:

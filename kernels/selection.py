@@ -18,5 +18,5 @@ def select_critical_tokens_batched(scores: torch.Tensor, budgets: list[int]) -> 
     width = scores.shape[-1]
     top = torch.topk(scores, max(budgets), dim=-1, sorted=True).indices
     rank = torch.arange(top.shape[-1], device=scores.device)
-    beyond = rank[None, :] >= torch.tensor(budgets, device=scores.device)[:, None]
+    beyond = rank[None, :] >= torch.tensor(budgets).to(scores.device, non_blocking=True)[:, None]
     return top.masked_fill(beyond[None], width).sort(dim=-1).values
