@@ -16,7 +16,7 @@ win with every draft accepted; after 32 steps, then twice as long after each pro
 still wins, up to 1024) so that a change in the text's predictability is noticed.
 A γ's first measurement can carry one-off costs (e.g. the first speculative step after many plain ones
 drafts eagerly, from an old selection): the second replaces it if lower, and while a shorter γ wins,
-longer ones are measured again every 64 steps, so one slow step cannot make a shorter γ win for good.
+γ_max is chosen again every 64 steps, so one slow step cannot make a shorter γ win for good.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _DECAY = 0.98  # per recorded verification: acceptance remembers roughly the las
 _PROBE_EVERY = 32  # steps before the first probe of speculation while plain decoding wins
 _PROBE_EVERY_MAX = 1024  # each probe that plain decoding still wins doubles the wait, up to this
 _MARGIN = 1.05  # speculation must promise this much more throughput than plain decoding
-_REMEASURE_EVERY = 64  # steps after which a longer γ than the chosen one is measured again
+_REMEASURE_EVERY = 64  # steps after which γ_max is chosen again while a shorter γ wins
 
 
 def _bucket(batch_size: int) -> int:
@@ -44,7 +44,7 @@ class GammaController:
         self._accepted = [4.0 * prior_acceptance] * max_gamma
         self._step_time: dict[int, dict[int, float]] = {}  # bucket -> gamma -> seconds per decode step
         self._samples: dict[int, Counter[int]] = {}  # bucket -> gamma -> step times recorded
-        self._measured_at: dict[int, dict[int, int]] = {}  # bucket -> gamma -> step of its last measurement
+        self._remeasured_at: dict[int, int] = {}  # bucket -> step γ_max was last chosen to be measured again
         self._steps = 0
         self._probe_wait = _PROBE_EVERY
         self._next_probe = _PROBE_EVERY
@@ -82,9 +82,12 @@ class GammaController:
         best = max(rates, key=rates.get)
         if rates[best] > _MARGIN / times[0]:
             self._probe_wait = _PROBE_EVERY
-            measured_at = self._measured_at[_bucket(batch_size)]
-            stale = [g for g in range(best + 1, self.max_gamma + 1) if self._steps - measured_at.get(g, 0) >= _REMEASURE_EVERY]
-            return max(stale, default=best)
+            bucket = _bucket(batch_size)
+            if best < self.max_gamma and self._steps - self._remeasured_at.get(bucket, 0) >= _REMEASURE_EVERY:
+                # counted when chosen, not when timed: a step with prefill work is not timed
+                self._remeasured_at[bucket] = self._steps
+                return self.max_gamma
+            return best
         # probe only where speculation could win at all (if every draft were accepted), and less often each
         # time plain decoding keeps winning: a probe costs a whole speculative step
         could_win = any((g + 1) / cost(g) > 1 / times[0] for g in rates)
@@ -122,7 +125,6 @@ class GammaController:
         else:
             times[gamma] = (1 - _EMA) * old + _EMA * seconds
         samples[gamma] += 1
-        self._measured_at.setdefault(bucket, {})[gamma] = self._steps
 
     def record_acceptance(self, num_draft: int, num_accepted: int) -> None:
         for i in range(num_draft):

@@ -174,6 +174,7 @@ class FlashInferAttentionBackend:
         np.cumsum(num_pages, out=indptr[1:])
         tables = [np.asarray(s.page_table)[:n] for s, n in zip(seqs, num_pages)]
         indices = torch.from_numpy(np.concatenate(tables + [np.full(pad, self.cache.scratch_page)]).astype(np.int32, copy=False))
+        assert len(indices) == indptr[-1], "a page table is shorter than its sequence"
         last_len = _int32([s.end_pos - (n - 1) * ps for s, n in zip(seqs, num_pages)] + [q] * pad)
         dims = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         starts = np.cumsum([0] + [s.num_query for s in seqs])
@@ -190,9 +191,10 @@ class FlashInferAttentionBackend:
                 # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
                 rows = [s.scored_pair if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
                 plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]), non_blocking=True)
-            # indices handed over on the device: FlashInfer copies host indices blocking (waiting for the draft chain)
-            plan.wrapper.plan(torch.from_numpy(indptr), indices.to(self.device, non_blocking=True), last_len, *dims,
-                              q_len_per_req=q, **self._kernel_args())
+            # indices handed over on the device: FlashInfer copies host indices blocking (waiting for the draft chain);
+            # from pinned memory, as a large pageable copy may still wait for the stream
+            plan.wrapper.plan(torch.from_numpy(indptr), indices.pin_memory().to(self.device, non_blocking=True), last_len,
+                              *dims, q_len_per_req=q, **self._kernel_args())
             self._scored_index = (None if self._scored == list(range(len(self._scored)))
                                   else torch.tensor(self._scored).to(self.device, non_blocking=True))
         else:

@@ -33,7 +33,8 @@ class PageTable:
         return self._pages[: self._len]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return self.array if dtype is None else self.array.astype(dtype, copy=False)
+        # a view unless asked for a copy: writing to it would part the array from the list
+        return self.array.astype(dtype or self.array.dtype, copy=bool(copy))
 
     def __len__(self) -> int:
         return self._len

@@ -76,3 +76,16 @@ def test_one_slow_first_step_does_not_rule_out_the_best_gamma():
     reached, ctl = _simulate(cost, 0.9, first_step_factor=1.6)
     assert reached >= 0.9 * best, (reached, best, ctl.histogram)
     assert ctl.histogram.most_common(1)[0][0] == MAX_GAMMA, ctl.histogram
+
+
+def test_untimed_steps_do_not_pull_the_choice_to_gamma_max():
+    """Steps with prefill work are not timed: re-measuring γ_max must still happen once per 64 steps, not every step."""
+
+    def cost(gamma: int) -> float:
+        return 1.0 + (0.1 + 0.3 * gamma if gamma else 0.0)  # drafts often wrong below: a short γ is best
+
+    _, ctl = _simulate(cost, 0.6, steps=200)
+    best = ctl.histogram.most_common(1)[0][0]
+    assert 0 < best < MAX_GAMMA, ctl.histogram
+    chosen = [ctl.choose(16) for _ in range(128)]  # nothing recorded: every one of these steps had prefill work
+    assert chosen.count(MAX_GAMMA) <= 2 and chosen.count(best) >= 120, chosen
