@@ -129,6 +129,13 @@ class AttentionBackend(Protocol):
         """Cache slots of positions [layers, len(seq_indices), k] of these sequences of the last plan (by step index)."""
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[slots] ([*slots.shape, kv_heads, d]) as an index_select of whole rows: on the CPU, 100x faster than
+    advanced indexing of the 3-d cache (which made the gather over half of a decode step)."""
+    rows = cache.view(cache.shape[0], -1).index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, *cache.shape[1:])
+
+
 def _slots(page_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
     """Cache slot of each position (positions < 0 map to slot 0, callers mask them)."""
     pos = positions.clamp(min=0)
@@ -231,8 +238,8 @@ class TorchAttentionBackend:
             li = layer if g.kv_slots.shape[0] > 1 else 0
             slots = g.kv_slots[li]
             qg = q[g.token_index].transpose(1, 2)  # [B, H, Q, d]
-            kg = k_cache[slots].transpose(1, 2)  # [B, Hkv, K, d]
-            vg = v_cache[slots].transpose(1, 2)
+            kg = _gather(k_cache, slots).transpose(1, 2)  # [B, Hkv, K, d]
+            vg = _gather(v_cache, slots).transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask[li], scale=self.scale, enable_gqa=True)
             out[g.valid_tokens] = o.transpose(1, 2).flatten(0, 1)[g.valid_cells]
             if g.score_seqs:
@@ -243,7 +250,7 @@ class TorchAttentionBackend:
         m, r = g.score_members, g.score_rows
         rows_q = q[g.token_index[m[:, None], r]]  # [S, 2, H, d]
         rows_mask = mask[m, 0][torch.arange(len(m), device=m.device)[:, None], r]  # [S, 2, K]
-        return verification_scores(rows_q, k_cache[slots[m]], rows_mask, self.scale)
+        return verification_scores(rows_q, _gather(k_cache, slots[m]), rows_mask, self.scale)
 
     def take_scores(self) -> ScoreBatch | None:
         """Scores of the last forward, for the sequences that asked; None if none did."""
