@@ -84,9 +84,9 @@ class _Group:
     valid_tokens: torch.Tensor  # [n] their flat token indices (integer indices: no device sync, unlike masks)
     kv_slots: torch.Tensor  # [1 or layers, B, K] cache slot of each attended entry
     mask: torch.Tensor  # [1 or layers, B, 1, Q, K] True = attend
-    # what SDPA gets: no mask where none is needed (every entry attended, or a plain causal square, then
-    # `causal`): SDPA's own paths are twice as fast on the CPU as reading a mask
-    sdpa_mask: torch.Tensor | None
+    # whether SDPA needs `mask`: not where every entry is attended, or in a plain causal square (then `causal`);
+    # SDPA's own paths are twice as fast on the CPU as reading a mask (score extraction still reads it)
+    masked: bool
     causal: bool
     score_seqs: list[int]  # step-wide indices of the sequences whose scores this group extracts
     score_members: torch.Tensor  # [S] their rows in this group
@@ -207,7 +207,7 @@ class TorchAttentionBackend:
                     valid_tokens=token_index[query_valid].to(dev),
                     kv_slots=kv_slots.to(dev),
                     mask=mask[:, :, None].to(dev),
-                    sdpa_mask=mask[:, :, None].to(dev) if needs_mask else None,
+                    masked=needs_mask,
                     causal=square and q_len > 1,
                     score_seqs=[members[j] for j in scored],
                     score_members=torch.tensor(scored, dtype=torch.long, device=dev),
@@ -249,9 +249,8 @@ class TorchAttentionBackend:
             qg = q[g.token_index].transpose(1, 2)  # [B, H, Q, d]
             kg = _gather(k_cache, slots).transpose(1, 2)  # [B, Hkv, K, d]
             vg = _gather(v_cache, slots).transpose(1, 2)
-            sdpa_mask = None if g.sdpa_mask is None else g.sdpa_mask[li]
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=sdpa_mask, is_causal=g.causal, scale=self.scale,
-                                               enable_gqa=True)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask[li] if g.masked else None, is_causal=g.causal,
+                                               scale=self.scale, enable_gqa=True)
             out[g.valid_tokens] = o.transpose(1, 2).flatten(0, 1)[g.valid_cells]
             if g.score_seqs:
                 self._scores[gi].append(self._extract_scores(g, q, k_cache, slots, g.mask[li]))

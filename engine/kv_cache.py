@@ -23,21 +23,20 @@ class PageTable:
 
     def __init__(self, pages: Iterable[int] = ()):
         self._list: list[int] = []
-        self._pages = np.zeros(16, dtype=np.int32)
-        self._len = 0
+        self._pages = np.zeros(16, dtype=np.int32)  # its first len(self) entries are the pages
         self.extend(pages)
 
     @property
     def array(self) -> np.ndarray:
         """The pages as an int32 array (a view: valid until the table next grows)."""
-        return self._pages[: self._len]
+        return self._pages[: len(self._list)]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         # a view unless asked for a copy: writing to it would part the array from the list
         return self.array.astype(dtype or self.array.dtype, copy=bool(copy))
 
     def __len__(self) -> int:
-        return self._len
+        return len(self._list)
 
     def __getitem__(self, index: int) -> int:
         return self._list[index]
@@ -49,20 +48,16 @@ class PageTable:
         return reversed(self._list)
 
     def extend(self, pages: Iterable[int]) -> None:
-        added = list(pages)
-        self._list.extend(added)
-        new = np.asarray(added, dtype=np.int32)
-        end = self._len + len(new)
-        if end > len(self._pages):
-            grown = np.zeros(max(end, 2 * len(self._pages)), dtype=np.int32)
-            grown[: self._len] = self.array
+        start = len(self._list)
+        self._list.extend(pages)
+        if len(self._list) > len(self._pages):
+            grown = np.zeros(max(len(self._list), 2 * len(self._pages)), dtype=np.int32)
+            grown[:start] = self._pages[:start]
             self._pages = grown
-        self._pages[self._len : end] = new
-        self._len = end
+        self._pages[start : len(self._list)] = self._list[start:]
 
     def clear(self) -> None:
         self._list.clear()
-        self._len = 0
 
 
 class PageAllocator:

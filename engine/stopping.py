@@ -18,46 +18,43 @@ class OutputTracker:
         self.hold_back = max((len(s) for s in request.params.stop), default=1) - 1
 
     def commit(self, tokens: list[int]) -> int:
-        """Append tokens one by one until the request finishes; returns how many were taken."""
-        req, params = self.request, self.request.params
-        if not params.stop:
-            return self._commit_ids(tokens)
-        for n, tok in enumerate(tokens, start=1):
-            req.output_ids.append(tok)
-            prev_len = len(self.text)
-            self.text += self.detok.add([tok])
-            enough = len(req.output_ids) >= params.min_tokens
-            if enough and (tok in self.eos_ids or tok in params.stop_token_ids):
-                req.finish_reason = FinishReason.STOP
-            elif enough and params.stop and self._truncate_at_stop(prev_len):
-                req.finish_reason = FinishReason.STOP
-                return n
-            elif len(req.output_ids) >= params.max_tokens or req.num_tokens >= req.max_total_tokens:
-                req.finish_reason = FinishReason.LENGTH
-            if req.finish_reason is not None:
-                self.text += self.detok.flush()  # a character cut off by the last token still shows, as U+FFFD
-                return n
-        return len(tokens)
-
-    def _commit_ids(self, tokens: list[int]) -> int:
-        """commit() without stop strings: ids and lengths alone decide where to stop, so the taken tokens are
-        detokenized together (once per step, not once per accepted draft)."""
-        req, params = self.request, self.request.params
-        taken = len(tokens)
-        for n, tok in enumerate(tokens, start=1):
-            length = len(req.output_ids) + n
-            if length >= params.min_tokens and (tok in self.eos_ids or tok in params.stop_token_ids):
-                req.finish_reason = FinishReason.STOP
-            elif length >= params.max_tokens or req.num_tokens + n >= req.max_total_tokens:
-                req.finish_reason = FinishReason.LENGTH
-            if req.finish_reason is not None:
-                taken = n
-                break
-        req.output_ids.extend(tokens[:taken])
-        self.text += self.detok.add(tokens[:taken])
+        """Append tokens until the request finishes; returns how many were taken. Without stop strings, ids and
+        lengths alone decide where to stop, so the taken tokens are detokenized together (once per step, not once
+        per accepted draft); with them, token by token, as a stop string can end inside any token's text."""
+        req = self.request
+        if not req.params.stop:
+            taken = next((n for n, tok in enumerate(tokens, start=1) if self._ends_with(tok, n)), len(tokens))
+            req.output_ids.extend(tokens[:taken])
+            self.text += self.detok.add(tokens[:taken])
+        else:
+            taken = 0
+            for tok in tokens:
+                taken += 1
+                req.output_ids.append(tok)
+                prev_len = len(self.text)
+                self.text += self.detok.add([tok])
+                reason = self._ends_with(tok, 0)
+                # a stop string outranks the length limits (and ends without a flush: the text is cut before it)
+                enough = len(req.output_ids) >= req.params.min_tokens
+                if reason is not FinishReason.STOP and enough and self._truncate_at_stop(prev_len):
+                    req.finish_reason = FinishReason.STOP
+                    return taken
+                if reason is not None:
+                    break
         if req.finish_reason is not None:
-            self.text += self.detok.flush()
+            self.text += self.detok.flush()  # a character cut off by the last token still shows, as U+FFFD
         return taken
+
+    def _ends_with(self, tok: int, ahead: int) -> FinishReason | None:
+        """Whether the request finishes with `tok` as output token len(output_ids) + ahead (EOS or a stop id
+        once min_tokens are out, else the length limits); sets finish_reason if so."""
+        req, params = self.request, self.request.params
+        length = len(req.output_ids) + ahead
+        if length >= params.min_tokens and (tok in self.eos_ids or tok in params.stop_token_ids):
+            req.finish_reason = FinishReason.STOP
+        elif length >= params.max_tokens or req.num_tokens + ahead >= req.max_total_tokens:
+            req.finish_reason = FinishReason.LENGTH
+        return req.finish_reason
 
     def _truncate_at_stop(self, prev_len: int) -> bool:
         start = max(0, prev_len - self.hold_back)
