@@ -100,7 +100,6 @@ class GraphShape:
     kind: str  # decode | scored_decode | verify | draft
     batch: int
     query_len: int
-    num_drafts: int = 1  # draft: forwards chained in the graph, each fed the one before's greedy tokens
 
     @property
     def num_tokens(self) -> int:
@@ -124,7 +123,7 @@ class AttentionBackend(Protocol):
 
     def next_draft(self) -> None:
         """Move every sequence of a planned draft step one position on: the next draft of a chain attends one
-        more recent slot and writes its K/V one slot further. Device work only (a chain can be one CUDA graph)."""
+        more recent slot and writes its K/V one slot further. Device work only (a chain replays a draft graph without re-planning)."""
 
     def take_scores(self) -> ScoreBatch | None:
         """Scores the last forward extracted, for the sequences that asked."""

@@ -64,8 +64,8 @@ class LLMEngine:
     def _capture_graphs(self) -> None:
         """Capture every decode-phase CUDA graph now, as vLLM does at start-up, so that no step pays for a capture later.
 
-        Per batch bucket: plain decode, and for each draft length the engine may choose, the verification and the
-        draft chain; batches of padding sequences on the scratch page stand in for real ones.
+        Per batch bucket: plain decode, the verification for each draft length the engine may choose, and the one
+        draft forward every chain replays; batches of padding sequences on the scratch page stand in for real ones.
         """
         buckets = self.runner.backend.graph_batches
         if not buckets:
@@ -78,8 +78,6 @@ class LLMEngine:
         no_selection = torch.empty(self.model_config.num_layers, 0, dtype=torch.int32, device=self.cache.k.device)
         first_slot = self.cache.scratch_page * self.cache.page_size
         scored = self.drafter is not None and self.drafter.needs_scores
-        # one draft forward at a time serves sampling requests, whatever γ
-        chains = sorted({1, *gammas}) if self.drafter is not None else []
         for b in buckets:
             self.runner.run([SequenceInput([0], 0, scratch, 1)] * b)
             if scored:  # a plain decode that renews a stale selection
@@ -87,9 +85,9 @@ class LLMEngine:
             for g in gammas:
                 score_kwargs = dict(score_rows=(0, g), score_len=1) if scored else {}
                 self.runner.run([SequenceInput([0] * (g + 1), 0, scratch, g + 1, **score_kwargs)] * b)
-            for g in chains:
-                sparse = SparseKV(no_selection, -1, list(range(first_slot, first_slot + g)))
-                self.runner.run_drafts([SequenceInput([0], 0, scratch, 1, sparse=sparse)] * b, g, None)
+            if self.drafter is not None:  # every γ's chain replays the one draft forward's graph
+                sparse = SparseKV(no_selection, -1, [first_slot])
+                self.runner.run_drafts([SequenceInput([0], 0, scratch, 1, sparse=sparse)] * b, 1, None)
 
     def _attention_backend(self) -> AttentionBackend:
         scale = self.model_config.head_dim**-0.5
@@ -217,12 +215,13 @@ class LLMEngine:
                 )
             )
         result = self.runner.run(seqs, drafts)
-        draft_rows = drafts.tolist() if drafts is not None else []
+        # the new selections queue on the device behind the score extraction while the host accepts tokens
+        refreshed = [(i, c.request, c.start + c.num_tokens - 1) for i, (c, r) in enumerate(zip(chunks, refreshes)) if r]
+        new_drafts = self._new_draft_states(refreshed, result.scores)
+        greedy, draft_rows = result.read_tokens()
 
-        outputs, refreshed = [], []
-        for i, (chunk, seq, logits, argmax, refresh) in enumerate(
-            zip(chunks, seqs, result.logits, result.argmax, refreshes)
-        ):
+        outputs = []
+        for chunk, seq, logits, argmax in zip(chunks, seqs, result.logits, greedy):
             req = chunk.request
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
@@ -238,26 +237,27 @@ class LLMEngine:
                 self.spec_stats.record(gamma, accepted)
                 self.gamma_controller.record_acceptance(gamma, accepted)
                 req.num_computed += accepted  # accepted drafts' K/V came from the verification itself
-            if refresh:
-                refreshed.append((i, req, chunk.start + chunk.num_tokens - 1))
             tracker = self._trackers[req.request_id]
             taken = tracker.commit(tokens)
             outputs.append(self._finish(tracker, tokens[:taken]) if req.finish_reason else self._output(tracker, tokens))
-        self._refresh_drafts(refreshed, result.scores)
+        for req, state in new_drafts:
+            if not req.finished:
+                req.draft = state
         # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
         if decodes and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before:
             self.gamma_controller.record_step_time(len(decodes), gamma, time.perf_counter() - t0)
         return outputs
 
-    def _refresh_drafts(self, refreshed: list[tuple[int, Request, int]], scores: ScoreBatch | None) -> None:
-        """New draft contexts, all at once, for the requests that just verified or finished prefill: (step index, request, anchor)."""
+    def _new_draft_states(
+        self, refreshed: list[tuple[int, Request, int]], scores: ScoreBatch | None
+    ) -> list[tuple[Request, DraftState]]:
+        """New draft contexts, all at once (device work, no wait), for the requests that verified or finished
+        prefill this step: (step index, request, anchor)."""
         if not refreshed:
-            return
+            return []
         selection = self.drafter.select([anchor for _, _, anchor in refreshed], scores, self.cache.k.device)
         slots = self.runner.backend.slots_of([i for i, _, _ in refreshed], selection.positions)
-        for j, ((_, req, anchor), k) in enumerate(zip(refreshed, selection.budgets)):
-            if not req.finished:
-                req.draft = DraftState(anchor, slots[:, j, :k])
+        return [(req, DraftState(anchor, slots[:, j, :k])) for j, ((_, req, anchor), k) in enumerate(zip(refreshed, selection.budgets))]
 
     def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> torch.Tensor:
         """γ chained sparse forwards for all decoding requests at once; each sees only its draft positions.

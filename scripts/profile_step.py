@@ -40,16 +40,16 @@ def _timed_phases(engine: LLMEngine, steps: int) -> dict[str, float]:
             return out
         return wrapper
 
-    originals = (engine._draft, engine.runner.run, engine._refresh_drafts)
+    originals = (engine._draft, engine.runner.run, engine._new_draft_states)
     engine._draft = timed("drafts", engine._draft)
     engine.runner.run = timed("forward", engine.runner.run)
-    engine._refresh_drafts = timed("refresh", engine._refresh_drafts)
+    engine._new_draft_states = timed("refresh", engine._new_draft_states)
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     torch.cuda.synchronize()
     total = time.perf_counter() - t
-    engine._draft, engine.runner.run, engine._refresh_drafts = originals
+    engine._draft, engine.runner.run, engine._new_draft_states = originals
     spent["rest"] = total - sum(spent.values())
     return {k: v / steps for k, v in spent.items()}
 
