@@ -31,7 +31,7 @@ from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.scores import verification_scores_paged
 
 from .attention import GraphShape, ScoreBatch, SequenceAttention
-from .kv_cache import KVCache, slot_of
+from .kv_cache import KVCache, token_slots
 
 _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -159,12 +159,6 @@ class FlashInferAttentionBackend:
         self._graph_plans[shape] = plan
         return plan
 
-    def _slot_mapping(self, seqs: list[SequenceAttention], pad: int, q: int) -> torch.Tensor:
-        ps = self.cache.page_size
-        slots = [slot_of(s.page_table, p, ps) for s in seqs for p in range(s.start_pos, s.end_pos)]
-        slots += [self._scratch_slot + j for _ in range(pad) for j in range(q)]
-        return torch.tensor(slots, dtype=torch.long)
-
     def _plan_full(self, seqs: list[SequenceAttention], bucket: int | None) -> GraphShape | None:
         ps = self.cache.page_size
         q = seqs[0].num_query
@@ -173,8 +167,12 @@ class FlashInferAttentionBackend:
         indptr = np.zeros(len(num_pages) + 1, dtype=np.int32)
         np.cumsum(num_pages, out=indptr[1:])
         tables = [np.asarray(s.page_table)[:n] for s, n in zip(seqs, num_pages)]
-        indices = torch.from_numpy(np.concatenate(tables + [np.full(pad, self.cache.scratch_page)]).astype(np.int32, copy=False))
-        assert len(indices) == indptr[-1], "a page table is shorter than its sequence"
+        page_ids = np.concatenate(tables + [np.full(pad, self.cache.scratch_page)]).astype(np.int32, copy=False)
+        assert len(page_ids) == indptr[-1], "a page table is shorter than its sequence"
+        indices = torch.from_numpy(page_ids)
+        # padding sequences: q tokens from position 0 on the scratch page
+        slot_mapping = torch.from_numpy(token_slots(page_ids, indptr, [s.start_pos for s in seqs] + [0] * pad,
+                                                    [s.num_query for s in seqs] + [q] * pad, ps))
         last_len = _int32([s.end_pos - (n - 1) * ps for s, n in zip(seqs, num_pages)] + [q] * pad)
         dims = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         starts = np.cumsum([0] + [s.num_query for s in seqs])
@@ -186,7 +184,7 @@ class FlashInferAttentionBackend:
             kind = "verify" if q > 1 else "scored_decode" if self._scored else "decode"
             shape = GraphShape(kind, bucket, q)
             plan = self._graph_plan(shape)
-            plan.slot_mapping.copy_(self._slot_mapping(seqs, pad, q), non_blocking=True)
+            plan.slot_mapping.copy_(slot_mapping, non_blocking=True)
             if plan.rows is not None:
                 # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
                 rows = [s.scored_pair if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
@@ -201,7 +199,7 @@ class FlashInferAttentionBackend:
             kind = "decode" if q == 1 and all(s.num_query == 1 for s in seqs) and not self._scored else "prefill"
             dev_indices = indices.to(self.device, non_blocking=True)
             plan = _Plan(self._decode if kind == "decode" else self._prefill,
-                         self._slot_mapping(seqs, 0, q).to(self.device, non_blocking=True),
+                         slot_mapping.to(self.device, non_blocking=True),
                          dev_indices, _int32(indptr, self.device))
             if kind == "decode":
                 self._decode.plan(torch.from_numpy(indptr), dev_indices, last_len, *dims, **self._kernel_args())

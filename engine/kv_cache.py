@@ -15,6 +15,16 @@ def slot_of(page_table: PageTable | list[int], position: int, page_size: int) ->
     return page_table[position // page_size] * page_size + position % page_size
 
 
+def token_slots(page_ids: np.ndarray, indptr: np.ndarray, starts: list[int], lengths: list[int], page_size: int) -> np.ndarray:
+    """The cache slot of every token of a batch, as int64: sequence i's tokens are positions
+    starts[i] + [0, lengths[i]) of the pages page_ids[indptr[i]:]. Vectorized: slot_of per token was ~0.5 ms
+    of host time in a 128-request verification step."""
+    counts = np.asarray(lengths)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    pos = np.repeat(np.asarray(starts) - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+    return page_ids[indptr[owner] + pos // page_size].astype(np.int64) * page_size + pos % page_size
+
+
 class PageTable:
     """A sequence's cache pages in order, twice: a Python list for single lookups (slot_of, per token) and an
     int32 array (grown by doubling) so that a step gathers the page ids of every sequence with one

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specattn.engine.config import EngineConfig, SpecConfig
-from specattn.engine.kv_cache import PageAllocator, PageTable
+from specattn.engine.kv_cache import PageAllocator, PageTable, slot_of, token_slots
 from specattn.engine.request import Request
 from specattn.engine.sampling import SamplingParams
 from specattn.engine.stopping import OutputTracker
@@ -203,6 +203,18 @@ def test_page_table_grows_past_its_array_and_gives_every_page_back():
     allocator.release(table)
     assert len(table) == 0 and allocator.num_free == 300
     assert allocator.grow(PageTable(), 4 * 300)  # freed pages are handed out again
+
+
+def test_token_slots_of_a_mixed_batch_equal_per_token_lookups():
+    """The verification's write slots, computed for the whole batch at once (sequences of different lengths
+    and starting positions, padding on one page), are each token's slot_of."""
+    rng = np.random.default_rng(0)
+    page_size, starts, lengths = 16, [0, 5, 37, 100, 0], [3, 1, 20, 5, 4]
+    tables = [rng.permutation(1000)[: -(-(s + n) // page_size)].tolist() for s, n in zip(starts, lengths)]
+    indptr = np.cumsum([0] + [len(t) for t in tables])
+    got = token_slots(np.concatenate(tables).astype(np.int32), indptr, starts, lengths, page_size)
+    want = [slot_of(t, p, page_size) for t, s, n in zip(tables, starts, lengths) for p in range(s, s + n)]
+    assert got.dtype == np.int64 and got.tolist() == want
 
 
 @pytest.mark.parametrize("stop_at", ["eos", "max_tokens", "none"])
