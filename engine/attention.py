@@ -123,7 +123,8 @@ class AttentionBackend(Protocol):
 
     def next_draft(self) -> None:
         """Move every sequence of a planned draft step one position on: the next draft of a chain attends one
-        more recent slot and writes its K/V one slot further. Device work only (a chain replays a draft graph without re-planning)."""
+        more recent slot and writes its K/V one slot further. Device work only: a chain replays one draft graph
+        without planning again."""
 
     def take_scores(self) -> ScoreBatch | None:
         """Scores the last forward extracted, for the sequences that asked."""

@@ -257,7 +257,8 @@ class LLMEngine:
             return []
         selection = self.drafter.select([anchor for _, _, anchor in refreshed], scores, self.cache.k.device)
         slots = self.runner.backend.slots_of([i for i, _, _ in refreshed], selection.positions)
-        return [(req, DraftState(anchor, slots[:, j, :k])) for j, ((_, req, anchor), k) in enumerate(zip(refreshed, selection.budgets))]
+        budgets = selection.budgets
+        return [(req, DraftState(anchor, slots[:, j, : budgets[j]])) for j, (_, req, anchor) in enumerate(refreshed)]
 
     def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> torch.Tensor:
         """γ chained sparse forwards for all decoding requests at once; each sees only its draft positions.
