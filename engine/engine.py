@@ -20,7 +20,7 @@ from .loader import ModelFiles, load_model_files
 from .model import DecoderModel
 from .drafters import DraftState, make_drafter
 from .request import FinishReason, Request, RequestOutput, RequestStatus, SpecStats
-from .runner import ModelRunner, SequenceInput
+from .runner import ModelRunner, SequenceInput, StepResult
 from .sampling import SamplingParams, choose_tokens
 from .scheduler import ScheduledChunk, Scheduler
 from .stopping import OutputTracker
@@ -42,6 +42,20 @@ class EngineStats:
     num_preemptions: int
 
 
+@dataclass
+class _LaunchedStep:
+    """A step queued on the device whose tokens are not read yet: what accepting them needs."""
+
+    chunks: list[ScheduledChunk]
+    seqs: list[SequenceInput]
+    gamma: int
+    drafted: dict[str, int]  # request id -> its row of the drafts
+    result: StepResult
+    new_drafts: list[tuple[Request, DraftState]]  # selections queued behind the forward, for requests that refresh
+    timed_decodes: int  # a pure decode step that captured no graph: its batch size (its wall time feeds the γ controller)
+    started: float
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, files: ModelFiles | None = None):
         files = files or load_model_files(config.model)
@@ -58,6 +72,7 @@ class LLMEngine:
         self.gamma_controller = GammaController(config.spec.max_gamma, config.spec.adaptive)
         self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
+        self._in_flight: _LaunchedStep | None = None  # queued on the device, its tokens not read yet
         self._arrivals = itertools.count()
         self._capture_graphs()
 
@@ -156,7 +171,9 @@ class LLMEngine:
         if tracker is None:
             return None
         tracker.request.finish_reason = FinishReason.ABORT
-        return self._finish(tracker, [])
+        self._retire(tracker.request)
+        del self._trackers[request_id]
+        return self._output(tracker, [])
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -174,12 +191,29 @@ class LLMEngine:
         return self.cache.allocator.usage
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: draft ×γ for decoding requests, then one verification/prefill forward, then accept."""
-        t0, graphs_before = time.perf_counter(), len(self.runner.graph_shapes)
+        """One iteration: accept the tokens of the step on the device (launching it first if none is), queue the
+        next step, then detokenize and report this one's.
+
+        The next step's scheduling, drafts and forward are queued before this step's text is made, so the GPU
+        runs while the host detokenizes and builds outputs (SGLang's overlap schedule). The state it is planned
+        from is whole: finishes, accepted tokens and new selections are settled first (a stop string, which needs
+        the text, is checked then too). A request aborted while its step is in flight is skipped when accepted."""
+        launched = self._in_flight or self._launch()
+        self._in_flight = None
+        if launched is None:
+            return []
+        committed = self._accept(launched)
+        self._in_flight = self._launch()
+        return [self._emit(tracker, new_ids) for tracker, new_ids in committed]
+
+    def _launch(self) -> _LaunchedStep | None:
+        """Schedule a step and queue it on the device: draft ×γ for decoding requests, then one verification/prefill
+        forward, then the new selections. Nothing here waits for the device."""
+        started, graphs_before = time.perf_counter(), len(self.runner.graph_shapes)
         drafting = self.drafter is not None
         chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
         if not chunks:
-            return []
+            return None
         # requests whose drafts would run past the context decode plainly this step (RoPE ends there)
         room = self.max_context - self.config.spec.max_gamma
         decodes = [
@@ -191,8 +225,8 @@ class LLMEngine:
         drafts = self._draft(decodes, gamma) if gamma else None
         drafted = {c.request.request_id: j for j, c in enumerate(decodes)} if gamma else {}
 
-        seqs, refreshes = [], []
-        for c in chunks:
+        seqs, refreshed = [], []
+        for i, c in enumerate(chunks):
             req = c.request
             num_drafted = gamma if req.request_id in drafted else 0
             tokens = req.token_slice(c.start, c.start + c.num_tokens) + [0] * num_drafted
@@ -201,7 +235,8 @@ class LLMEngine:
             stale = req.draft is not None and c.start - req.draft.anchor >= _REFRESH_AFTER
             refresh = drafting and c.completes_sequence and (num_drafted > 0 or req.draft is None or stale)
             scored = refresh and self.drafter.needs_scores
-            refreshes.append(refresh)
+            if refresh:
+                refreshed.append((i, req, c.start + c.num_tokens - 1))
             seqs.append(
                 SequenceInput(
                     token_ids=tokens,
@@ -216,37 +251,54 @@ class LLMEngine:
             )
         result = self.runner.run(seqs, drafts)
         # the new selections queue on the device behind the score extraction while the host accepts tokens
-        refreshed = [(i, c.request, c.start + c.num_tokens - 1) for i, (c, r) in enumerate(zip(chunks, refreshes)) if r]
         new_drafts = self._new_draft_states(refreshed, result.scores)
-        greedy, draft_rows = result.read_tokens()
+        # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
+        timed = bool(decodes) and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before
+        return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started)
 
-        outputs = []
-        for chunk, seq, logits, argmax in zip(chunks, seqs, result.logits, greedy):
+    def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int]]]:
+        """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
+        output ids, finishes (finished requests leave the scheduler), new selections. Returns, per request that
+        got tokens, its tracker and the new ids."""
+        greedy, draft_rows = launched.result.read_tokens()
+        committed = []
+        for chunk, seq, logits, argmax in zip(launched.chunks, launched.seqs, launched.result.logits, greedy):
             req = chunk.request
+            if req.finished:  # aborted while the step was in flight
+                continue
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
                 continue
-            draft = draft_rows[drafted[req.request_id]] if req.request_id in drafted else None
+            draft = draft_rows[launched.drafted[req.request_id]] if req.request_id in launched.drafted else None
             # logits row j chooses the token right after token (len - num_logits + j) of this step's input
             first = chunk.start + len(seq.token_ids) - seq.num_logits + 1
             target = argmax if req.params.greedy else choose_tokens(logits, req.params, req.seed, first)
             tokens = accept_drafts(draft, target) if draft is not None else [target[-1]]
             if draft is not None:
                 accepted = len(tokens) - 1
-                req.spec.record(gamma, accepted)
-                self.spec_stats.record(gamma, accepted)
-                self.gamma_controller.record_acceptance(gamma, accepted)
+                req.spec.record(launched.gamma, accepted)
+                self.spec_stats.record(launched.gamma, accepted)
+                self.gamma_controller.record_acceptance(launched.gamma, accepted)
                 req.num_computed += accepted  # accepted drafts' K/V came from the verification itself
             tracker = self._trackers[req.request_id]
-            taken = tracker.commit(tokens)
-            outputs.append(self._finish(tracker, tokens[:taken]) if req.finish_reason else self._output(tracker, tokens))
-        for req, state in new_drafts:
+            taken = tracker.commit_ids(tokens)
+            if req.finish_reason is not None:
+                self._retire(req)
+            committed.append((tracker, tokens[:taken]))
+        for req, state in launched.new_drafts:
             if not req.finished:
                 req.draft = state
-        # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
-        if decodes and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before:
-            self.gamma_controller.record_step_time(len(decodes), gamma, time.perf_counter() - t0)
-        return outputs
+        if launched.timed_decodes:
+            self.gamma_controller.record_step_time(
+                launched.timed_decodes, launched.gamma, time.perf_counter() - launched.started)
+        return committed
+
+    def _emit(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
+        """A request's output for one step: its new text made now (the ids were committed when accepted)."""
+        tracker.commit_text()
+        if tracker.request.finished:
+            del self._trackers[tracker.request.request_id]
+        return self._output(tracker, new_ids)
 
     def _new_draft_states(
         self, refreshed: list[tuple[int, Request, int]], scores: ScoreBatch | None
@@ -313,12 +365,10 @@ class LLMEngine:
             spec=req.spec if req.finished else None,
         )
 
-    def _finish(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
-        req = tracker.request
+    def _retire(self, req: Request) -> None:
+        """Take a finished request out of scheduling and give its pages back."""
         self.scheduler.remove(req)
         req.status = RequestStatus.FINISHED
-        del self._trackers[req.request_id]
-        return self._output(tracker, new_ids)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion together; the output token ids of each, in order (for tools and tests)."""

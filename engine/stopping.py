@@ -16,34 +16,45 @@ class OutputTracker:
         self.text = ""
         self.emitted = 0
         self.hold_back = max((len(s) for s in request.params.stop), default=1) - 1
+        self._pending: list[int] = []  # taken by commit_ids, text not made yet
 
-    def commit(self, tokens: list[int]) -> int:
+    def commit_ids(self, tokens: list[int]) -> int:
         """Append tokens until the request finishes; returns how many were taken. Without stop strings, ids and
-        lengths alone decide where to stop, so the taken tokens are detokenized together (once per step, not once
-        per accepted draft); with them, token by token, as a stop string can end inside any token's text."""
+        lengths alone decide where it stops and the text waits for commit_text (made for all taken tokens at once,
+        while the device runs the next step); with them the text is made now, token by token, as a stop string can
+        end inside any token's text."""
         req = self.request
         if not req.params.stop:
             taken = next((n for n, tok in enumerate(tokens, start=1) if self._ends_with(tok, n)), len(tokens))
             req.output_ids.extend(tokens[:taken])
-            self.text += self.detok.add(tokens[:taken])
-        else:
-            taken = 0
-            for tok in tokens:
-                taken += 1
-                req.output_ids.append(tok)
-                prev_len = len(self.text)
-                self.text += self.detok.add([tok])
-                reason = self._ends_with(tok, 0)
-                # a stop string outranks the length limits (and ends without a flush: the text is cut before it)
-                enough = len(req.output_ids) >= req.params.min_tokens
-                if reason is not FinishReason.STOP and enough and self._truncate_at_stop(prev_len):
-                    req.finish_reason = FinishReason.STOP
-                    return taken
-                if reason is not None:
-                    break
+            self._pending.extend(tokens[:taken])
+            return taken
+        taken = 0
+        for tok in tokens:
+            taken += 1
+            req.output_ids.append(tok)
+            prev_len = len(self.text)
+            self.text += self.detok.add([tok])
+            reason = self._ends_with(tok, 0)
+            # a stop string outranks the length limits (and ends without a flush: the text is cut before it)
+            enough = len(req.output_ids) >= req.params.min_tokens
+            if reason is not FinishReason.STOP and enough and self._truncate_at_stop(prev_len):
+                req.finish_reason = FinishReason.STOP
+                return taken
+            if reason is not None:
+                break
         if req.finish_reason is not None:
-            self.text += self.detok.flush()  # a character cut off by the last token still shows, as U+FFFD
+            self.text += self.detok.flush()
         return taken
+
+    def commit_text(self) -> None:
+        """The text of the tokens commit_ids took without making it."""
+        if not self._pending:
+            return
+        self.text += self.detok.add(self._pending)
+        self._pending = []
+        if self.request.finish_reason is not None:
+            self.text += self.detok.flush()  # a character cut off by the last token still shows, as U+FFFD
 
     def _ends_with(self, tok: int, ahead: int) -> FinishReason | None:
         """Whether the request finishes with `tok` as output token len(output_ids) + ahead (EOS or a stop id

@@ -95,12 +95,15 @@ def test_abort_frees_pages_and_leaves_others_unaffected(engine, alone):
     for _ in range(5):
         for out in engine.step():
             results[out.request_id].extend(out.new_token_ids)
+    assert engine._in_flight is not None, "the next step is queued (overlap schedule): the abort lands mid-step"
     final = engine.abort_request("r1")
     assert final.finished and final.finish_reason == "abort"
+    got_before_abort = len(results["r1"])
     while engine.has_unfinished_requests():
         for out in engine.step():
             results[out.request_id].extend(out.new_token_ids)
     assert results["r0"] == alone[0] and results["r2"] == alone[2]
+    assert len(results["r1"]) == got_before_abort, "the aborted request's tokens of the step in flight are dropped"
     assert engine.kv_usage == 0
 
 
@@ -231,10 +234,15 @@ def test_tokens_committed_together_equal_tokens_committed_one_by_one(engine, sto
         return OutputTracker(req, tok)
 
     together, one_by_one = tracker(), tracker()
-    taken = sum(together.commit(tokens[i : i + 5]) for i in range(0, len(tokens), 5) if together.request.finish_reason is None)
+    taken = 0
+    for i in range(0, len(tokens), 5):  # as the engine commits: ids when accepted, text after the next launch
+        if together.request.finish_reason is None:
+            taken += together.commit_ids(tokens[i : i + 5])
+            together.commit_text()
     for t in tokens:
         if one_by_one.request.finish_reason is None:
-            one_by_one.commit([t])
+            one_by_one.commit_ids([t])
+            one_by_one.commit_text()
     assert together.request.output_ids == one_by_one.request.output_ids and taken == len(together.request.output_ids)
     assert together.request.finish_reason == one_by_one.request.finish_reason
     assert together.text == one_by_one.text and together.text == tok.decode(together.request.output_ids)
