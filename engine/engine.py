@@ -172,7 +172,6 @@ class LLMEngine:
             return None
         tracker.request.finish_reason = FinishReason.ABORT
         self._retire(tracker.request)
-        del self._trackers[request_id]
         return self._output(tracker, [])
 
     def has_unfinished_requests(self) -> bool:
@@ -203,12 +202,14 @@ class LLMEngine:
         if launched is None:
             return []
         committed = self._accept(launched)
+        del launched  # its logits (every row, float32) need not stay alive next to the next step's
         self._in_flight = self._launch()
         return [self._emit(tracker, new_ids) for tracker, new_ids in committed]
 
     def _launch(self) -> _LaunchedStep | None:
         """Schedule a step and queue it on the device: draft ×γ for decoding requests, then one verification/prefill
-        forward, then the new selections. Nothing here waits for the device."""
+        forward, then the new selections. Nothing here waits for the device (except drafts of sampling requests,
+        chosen on the host)."""
         started, graphs_before = time.perf_counter(), len(self.runner.graph_shapes)
         drafting = self.drafter is not None
         chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
@@ -260,11 +261,12 @@ class LLMEngine:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
         output ids, finishes (finished requests leave the scheduler), new selections. Returns, per request that
         got tokens, its tracker and the new ids."""
-        greedy, draft_rows = launched.result.read_tokens()
-        committed = []
-        for chunk, seq, logits, argmax in zip(launched.chunks, launched.seqs, launched.result.logits, greedy):
+        argmax_rows, draft_rows = launched.result.read_tokens()
+        committed, dropped = [], False
+        for chunk, seq, logits, argmax in zip(launched.chunks, launched.seqs, launched.result.logits, argmax_rows):
             req = chunk.request
             if req.finished:  # aborted while the step was in flight
+                dropped = True
                 continue
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
@@ -288,7 +290,8 @@ class LLMEngine:
         for req, state in launched.new_drafts:
             if not req.finished:
                 req.draft = state
-        if launched.timed_decodes:
+        # a step some of whose requests were aborted may have waited, launched, while the engine idled
+        if launched.timed_decodes and not dropped:
             self.gamma_controller.record_step_time(
                 launched.timed_decodes, launched.gamma, time.perf_counter() - launched.started)
         return committed
@@ -296,8 +299,6 @@ class LLMEngine:
     def _emit(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
         """A request's output for one step: its new text made now (the ids were committed when accepted)."""
         tracker.commit_text()
-        if tracker.request.finished:
-            del self._trackers[tracker.request.request_id]
         return self._output(tracker, new_ids)
 
     def _new_draft_states(
@@ -353,7 +354,10 @@ class LLMEngine:
         )
 
     def _output(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
+        """The request's output with these new ids; a finished request's is its last (its tracker is dropped)."""
         req = tracker.request
+        if req.finished:
+            del self._trackers[req.request_id]
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new_ids,

@@ -7,7 +7,7 @@ gathering K/V: FlashInfer reads the paged cache in place. A step is planned as o
 - prefill (any mix of query counts, causal): the fa2 prefill kernel, also with log-sum-exp;
 - draft: a Triton kernel (`kernels.draft_attention`) reading K/V at the selected slots plus the recent
   ones. It needs no plan(): what each sequence reads sits in device tensors, and the next draft of a
-  chain only counts one more recent slot (`next_draft`, on the device), so γ drafts are one CUDA graph.
+  chain only counts one more recent slot (`next_draft`, on the device), so γ drafts replay one CUDA graph.
 Steps whose sequences all have one query (decode, draft) or all the same few queries (verification, or a
 prefill tail of that length), up to the largest batch bucket, run from fixed buffers per shape, padded
 with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.

@@ -90,8 +90,8 @@ class ModelRunner:
         """`num_drafts` chained draft forwards (each sequence one token, sparse): draft j's input is draft j−1's token.
         Returns the tokens [sequences, num_drafts] on the model's device.
 
-        choose None: greedy, the chain stays on the device (one CUDA graph when the batch fits one) and nothing
-        waits for it: the verification queues behind it; otherwise choose(j, logits) picks each draft's tokens on the host.
+        choose None: greedy, the chain stays on the device (γ replays of one CUDA graph when the batch fits one)
+        and nothing waits for it: the verification queues behind it; otherwise choose(j, logits) picks each draft's tokens on the host.
         """
         with self._on_device():
             return self._run_drafts(seqs, num_drafts, choose)
@@ -222,7 +222,7 @@ class ModelRunner:
         return logits, logits.argmax(dim=-1)
 
     def _capture(self, shape: GraphShape, ids: list[int], positions: list[int], seqs: list[SequenceInput]) -> _CapturedStep:
-        """Record this shape's forward (or draft chain) as a CUDA graph; the backend has planned `seqs` into its fixed buffers."""
+        """Record this shape's forward as a CUDA graph; the backend has planned `seqs` into its fixed buffers."""
         dev = self.model.device
         input_ids, pos = torch.tensor(ids, device=dev), torch.tensor(positions, device=dev)
 

@@ -107,6 +107,29 @@ def test_abort_frees_pages_and_leaves_others_unaffected(engine, alone):
     assert engine.kv_usage == 0
 
 
+def test_a_step_left_in_flight_by_aborts_does_not_time_the_idle_engine(make_engine):
+    """With every request aborted, the engine idles with the next step still queued; when work returns, that
+    step is accepted (all rows dropped) — its launch-to-accept time, idle included, must not reach adaptive γ."""
+    engine = make_engine(spec=SpecConfig(drafter="streaming", gamma=2, adaptive=True, budget_ratio=0.1, min_budget=6))
+    tok = engine.tokenizer
+    recorded = []
+    original = engine.gamma_controller.record_step_time
+    engine.gamma_controller.record_step_time = lambda *a: (recorded.append(a), original(*a))
+    for i, prompt in enumerate(PROMPTS[:2]):
+        engine.add_request(f"r{i}", tok.encode(prompt), GREEDY)
+    for _ in range(4):
+        engine.step()
+    assert recorded, "pure decode steps were meant to be timed"
+    for i in range(2):
+        engine.abort_request(f"r{i}")
+    assert not engine.has_unfinished_requests() and engine._in_flight is not None
+    timed_before = len(recorded)
+    engine.add_request("r2", tok.encode(PROMPTS[2]), GREEDY)
+    engine.step()  # accepts the aborted requests' step, launches r2's prefill
+    assert len(recorded) == timed_before
+    assert engine.kv_usage > 0 and engine.has_unfinished_requests()
+
+
 def test_chunked_prefill_equals_one_shot(make_engine, alone):
     chunked = make_engine(max_num_batched_tokens=7, spec=PLAIN)  # prompts cross several steps
     tok = chunked.tokenizer
