@@ -3,7 +3,7 @@
 A draft reads K/V at explicit slots — the layer's selected positions, then the positions since the
 selection's anchor — straight from the paged cache, with no plan on the host: which slots a sequence reads
 lives in device tensors (an indptr into the flattened selection, a recent-slot table and a count), so a
-chain of drafts can advance on the device and γ drafts run as one CUDA graph. The torch function of the
+chain of drafts can advance on the device, γ replays of one CUDA graph. The torch function of the
 same math is `kernels.reference.sparse_attention`; tests compare the two.
 """
 
