@@ -1,4 +1,4 @@
-"""Plain-torch references of the SpecAttn kernels: verification scores, the token budget and critical-token selection.
+"""Plain-torch references of the SpecAttn kernels: verification attention and scores, the token budget and critical-token selection.
 
 These run on the CPU path and are what every GPU kernel of the same function is tested against.
 """
@@ -24,6 +24,20 @@ def verification_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, sc
     logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
     weights = torch.exp(logits - torch.logsumexp(logits, dim=-1, keepdim=True))
     return weights.mean(dim=(1, 2))
+
+
+def verification_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a sequence's last Q positions over all of its positions (a verification, or a decode at Q = 1).
+
+    q: [Q, heads, d]; k, v: [K, kv_heads, d] positions 0 … K − 1, the queries at K − Q …. Returns [Q, heads, d].
+    """
+    n_q, n_k = q.shape[0], k.shape[0]
+    mask = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+        attn_mask=mask.to(q.device), scale=scale, enable_gqa=True,
+    )
+    return o.transpose(0, 1).to(q.dtype)
 
 
 def token_budget(length: int, ratio: float, min_tokens: int) -> int:

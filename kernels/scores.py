@@ -120,3 +120,60 @@ def verification_scores_paged(
         ROW_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(2 * group)), BLOCK_N=block_n,
     )
     return out
+
+
+@triton.jit(do_not_specialize=["num_seqs", "out_len", "num_slots"])
+def _gather_slot_scores_kernel(
+    slot_scores_ptr,  # [layers, kv_heads, num_slots] float32
+    page_start_ptr,  # [S] int32
+    page_indices_ptr,
+    lengths_ptr,  # [S] int32
+    out_ptr,  # [layers, S, out_len] float32
+    num_seqs,
+    out_len,
+    num_slots,
+    norm,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    layer = tl.program_id(2).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < tl.load(lengths_ptr + seq)
+    page = tl.load(page_indices_ptr + tl.load(page_start_ptr + seq) + offs_n // PAGE_SIZE, mask=n_valid, other=0)
+    slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g in tl.static_range(KV_HEADS):
+        total += tl.load(slot_scores_ptr + (layer * KV_HEADS + g) * num_slots + slot, mask=n_valid, other=0.0)
+    out = out_ptr + (layer * num_seqs + seq) * out_len + offs_n
+    tl.store(out, tl.where(n_valid, total / norm, -1.0), mask=offs_n < out_len)
+
+
+def gather_slot_scores(
+    slot_scores: torch.Tensor,
+    page_start: torch.Tensor,
+    page_indices: torch.Tensor,
+    lengths: torch.Tensor,
+    page_size: int,
+    num_heads: int,
+    out: torch.Tensor,
+    block_n: int = 256,
+) -> torch.Tensor:
+    """Fill out[l, s, j] from per-slot weights that `verify_attention` kept: the mean weight of sequence s's
+    two scored rows (all heads) on position j in layer l, as `verification_scores_paged` computes it; -1 past its length.
+
+    slot_scores: [layers, kv_heads, slots] each KV head's sum over the two rows and its query heads;
+    page_start/page_indices: where each sequence's pages are; lengths: [S]; out: [layers, S, out_len] float32.
+    """
+    layers, kv_heads, num_slots = slot_scores.shape
+    num_seqs, out_len = out.shape[1], out.shape[2]
+    assert slot_scores.is_contiguous() and out.is_contiguous()
+    if num_seqs == 0:
+        return out
+    grid = (num_seqs, triton.cdiv(out_len, block_n), layers)
+    _gather_slot_scores_kernel[grid](
+        slot_scores, page_start, page_indices, lengths, out, num_seqs, out_len, num_slots, float(2 * num_heads),
+        PAGE_SIZE=page_size, KV_HEADS=kv_heads, BLOCK_N=block_n,
+    )
+    return out

@@ -13,7 +13,13 @@ from specattn.engine.config import CacheConfig, ModelConfig
 from specattn.engine.kv_cache import KVCache
 from specattn.kernels.cache_write import write_kv
 from specattn.kernels.draft_attention import sparse_draft_attention
-from specattn.kernels.reference import select_critical_tokens, sparse_attention, token_budget, verification_scores
+from specattn.kernels.reference import (
+    select_critical_tokens,
+    sparse_attention,
+    token_budget,
+    verification_attention,
+    verification_scores,
+)
 from specattn.kernels.reference import write_kv as write_kv_reference
 from specattn.kernels.selection import select_critical_tokens_batched
 
@@ -244,3 +250,67 @@ def test_streaming_selection_is_sinks_plus_the_window_before_the_anchor():
     rows = [sel.positions[1, j, :k].tolist() for j, k in enumerate(sel.budgets)]
     assert rows == [[0, 1, 2, 3, 94, 95, 96, 97, 98, 99], [0, 1, 2, 3, 8, 9], [0, 1, 2, 3]]
     assert torch.equal(sel.positions[0], sel.positions[1])
+
+
+def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int], score_lens: list[int], seed: int):
+    """A paged cache of shuffled pages, q_len queries per sequence at its last positions, some sequences scored.
+
+    Returns the kernel's output and per-position scores (via gather_slot_scores) and the references'."""
+    from specattn.kernels.scores import gather_slot_scores
+    from specattn.kernels.verify_attention import SlotScores, verify_attention
+
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads, d, ps = 9, 3, 64, 16
+    pages = [-(-n // ps) for n in kv_lens]
+    num_slots = (sum(pages) + 2) * ps
+    perm = torch.randperm(sum(pages) + 2, generator=g)
+    tables = list(perm[: sum(pages)].split(pages))
+    k_cache = torch.randn(num_slots, kv_heads, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_slots, kv_heads, d, generator=g).to(dtype)
+    qkv = torch.randn(len(kv_lens) * q_len, heads + 2 * kv_heads, d, generator=g).to(dtype)
+    q = qkv[:, :heads]  # a strided view, as the model passes it
+    rows = [sorted(torch.randint(0, q_len, (2,), generator=g).tolist()) for _ in kv_lens]
+    out_ref, score_ref = [], torch.full((1, len(kv_lens), max(kv_lens)), -1.0)
+    for s, (n, table, n_scored) in enumerate(zip(kv_lens, tables, score_lens)):
+        pos = torch.arange(n)
+        slots = table[pos // ps] * ps + pos % ps
+        qs = q[s * q_len : (s + 1) * q_len]
+        out_ref.append(verification_attention(qs, k_cache[slots], v_cache[slots], d**-0.5))
+        row_pos = torch.tensor([n - q_len + r for r in rows[s]])
+        mask = pos[None, :] <= row_pos[:, None]
+        weights = verification_scores(qs[rows[s]].float()[None], k_cache[slots].float()[None], mask[None], d**-0.5)[0]
+        score_ref[0, s, :n_scored] = weights[:n_scored]
+    i32 = dict(dtype=torch.int32, device=device)
+    indptr = torch.tensor([0, *itertools.accumulate(pages)], **i32)
+    indices = torch.cat(tables).to(**i32)
+    slot_scores = SlotScores(
+        rows=torch.tensor(rows, **i32),
+        lengths=torch.tensor(score_lens, **i32),
+        logits=torch.full((kv_heads, 6, num_slots), float("nan"), device=device),
+        out=torch.full((1, kv_heads, num_slots), float("nan"), device=device),
+    )
+    kv = torch.tensor(kv_lens, **i32)
+    out = verify_attention(q.to(device), k_cache.to(device), v_cache.to(device), indptr, indices, kv, q_len, ps, d**-0.5,
+                           scores=SlotScores(slot_scores.rows, slot_scores.lengths, slot_scores.logits, slot_scores.out[0]))
+    scored = [s for s, n in enumerate(score_lens) if n]
+    gathered = torch.full((1, len(scored), max(score_lens)), float("nan"), device=device)
+    gather_slot_scores(slot_scores.out, indptr[scored], indices, torch.tensor([score_lens[s] for s in scored], **i32),
+                       ps, heads, gathered)
+    return out.cpu(), torch.cat(out_ref), gathered.cpu(), score_ref[:, scored, : max(score_lens)]
+
+
+@pytest.mark.parametrize("q_len,kv_lens,score_lens", [(5, [37, 130, 5, 64], [33, 126, 0, 60]), (1, [1, 90, 17], [0, 90, 17])])
+def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens):
+    """Verification (and decode) attention over shuffled pages equals SDPA; the weights it keeps on the way equal
+    the reference scores of the two scored rows, over each scored span and -1 past it."""
+    out, out_ref, scores, score_ref = _verify_case("cpu", torch.float32, q_len, kv_lens, score_lens, seed=q_len)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, score_ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_triton_verify_attention_equals_reference(dtype):
+    out, out_ref, scores, score_ref = _verify_case("cuda", dtype, 5, [8192, 4096 + 3, 300, 77], [8188, 4094, 0, 73], seed=11)
+    torch.testing.assert_close(out.float(), out_ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(scores, score_ref, atol=2e-4, rtol=2e-2)

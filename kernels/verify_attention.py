@@ -1,0 +1,206 @@
+"""Triton verification attention with the SpecAttn scores taken in the same pass over K.
+
+Each sequence's last `q_len` tokens attend causally to its paged cache (a verification of γ drafts, or
+a decode when q_len is 1). When a sequence is scored, the same program also keeps its two scored rows'
+attention weights: it stores their logits while it streams K for the attention, and once the pass has
+its log-sum-exp it turns them into weights, summed over the rows and the query heads of its KV head,
+per cache slot. That replaces the separate score kernel's second read of K (384 bytes per position and
+layer) with a write and a read of six floats. One program per (sequence, KV head) and no split of the
+context, so it needs a batch of at least a few programs per SM to fill the GPU; smaller batches stay on
+FlashInfer and the separate score kernel.
+
+The torch functions of the same math are `kernels.reference.verification_attention` and
+`kernels.reference.verification_scores`; tests compare them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# tl.dot needs tiles of at least 16 rows
+_MIN_ROW_TILE = 16
+
+
+@dataclass
+class SlotScores:
+    """Where `verify_attention` keeps scored rows' weights: per cache slot, so a graph's buffers fit every context.
+
+    rows: [S, 2] int32 query index (0 … q_len − 1) of each sequence's two scored rows;
+    lengths: [S] int32 scored positions [0, length) (0: the sequence is not scored);
+    logits: [kv_heads, 2 · group, slots] float32 scratch; out: [kv_heads, slots] float32, the sum of the
+    scored rows' weights over the query heads of each KV head, written at the scored positions' slots.
+    """
+
+    rows: torch.Tensor
+    lengths: torch.Tensor
+    logits: torch.Tensor
+    out: torch.Tensor
+
+
+@triton.jit(do_not_specialize=["num_slots"])
+def _verify_attention_kernel(
+    q_ptr,  # [S · Q_LEN, heads, head_dim]: sequence s's queries are tokens s · Q_LEN …
+    k_ptr,  # [slots, kv_heads, head_dim]
+    v_ptr,
+    out_ptr,  # [S · Q_LEN, heads, head_dim] contiguous
+    page_indptr_ptr,  # [S + 1] where each sequence's pages start in page_indices
+    page_indices_ptr,  # pages of every sequence, each in position order
+    kv_lens_ptr,  # [S] positions [0, kv_len) attended; the queries sit at the last Q_LEN of them
+    score_rows_ptr,  # [S, 2] int32 (SCORING)
+    score_lens_ptr,  # [S] int32 (SCORING)
+    logits_ptr,  # [kv_heads, 2 · GROUP, num_slots] float32 (SCORING)
+    slot_scores_ptr,  # [kv_heads, num_slots] float32 (SCORING)
+    num_slots,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    scale_log2,
+    Q_LEN: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROW_TILE: tl.constexpr,
+    SCORE_TILE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCORING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    kv_len = tl.load(kv_lens_ptr + seq)
+    page_start = tl.load(page_indptr_ptr + seq)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    # tile row r: query q_idx = r // GROUP, head kv_head · GROUP + r % GROUP
+    offs_r = tl.arange(0, ROW_TILE)
+    r_valid = offs_r < Q_LEN * GROUP
+    q_idx = offs_r // GROUP
+    heads = kv_head * GROUP + offs_r % GROUP
+    tokens = seq.to(tl.int64) * Q_LEN + q_idx
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=r_valid[:, None], other=0.0)
+    row_pos = kv_len - Q_LEN + q_idx
+    m = tl.full([ROW_TILE], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([ROW_TILE], dtype=tl.float32)
+    acc = tl.zeros([ROW_TILE, HEAD_DIM], dtype=tl.float32)
+
+    # score tile row r: scored row r // GROUP (of the two), same head layout
+    offs_s = tl.arange(0, SCORE_TILE)
+    s_valid = offs_s < 2 * GROUP
+    score_len = 0
+    if SCORING:
+        score_len = tl.load(score_lens_ptr + seq)
+        s_qidx = tl.load(score_rows_ptr + seq * 2 + tl.where(s_valid, offs_s // GROUP, 0))
+        s_heads = kv_head * GROUP + offs_s % GROUP
+        s_tokens = seq.to(tl.int64) * Q_LEN + s_qidx
+        qs = tl.load(q_ptr + s_tokens[:, None] * stride_qt + s_heads[:, None] * stride_qh + offs_d[None, :],
+                     mask=s_valid[:, None], other=0.0)
+        s_pos = kv_len - Q_LEN + s_qidx
+        s_m = tl.full([SCORE_TILE], float("-inf"), dtype=tl.float32)
+        s_denom = tl.zeros([SCORE_TILE], dtype=tl.float32)
+        scratch_rows = logits_ptr + (kv_head * 2 * GROUP + offs_s).to(tl.int64) * num_slots
+
+    for start in range(0, kv_len, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_len
+        page = tl.load(page_indices_ptr + page_start + offs_n // PAGE_SIZE, mask=n_valid, other=0)
+        slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
+                    mask=n_valid[:, None], other=0.0)
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        # every row attends position 0, so no row's running max stays -inf
+        logits = tl.where(offs_n[None, :] <= row_pos[:, None], logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        p = tl.exp2(logits - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        denom = denom * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+                    mask=n_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+        if SCORING:
+            if score_len > 0:
+                s_logits = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+                s_logits = tl.where(offs_n[None, :] <= s_pos[:, None], s_logits, float("-inf"))
+                s_m_new = tl.maximum(s_m, tl.max(s_logits, axis=1))
+                s_denom = s_denom * tl.exp2(s_m - s_m_new) + tl.sum(tl.exp2(s_logits - s_m_new[:, None]), axis=1)
+                s_m = s_m_new
+                tl.store(scratch_rows[:, None] + slot[None, :], s_logits,
+                         mask=s_valid[:, None] & (offs_n < score_len)[None, :])
+
+    out = acc / denom[:, None]
+    tl.store(out_ptr + (tokens[:, None] * tl.num_programs(1) * GROUP + heads[:, None]) * HEAD_DIM + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=r_valid[:, None])
+
+    if SCORING:
+        # the stored logits are read back by other threads of this program
+        tl.debug_barrier()
+        s_lse = s_m + tl.log2(s_denom)
+        for start in range(0, score_len, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < score_len
+            page = tl.load(page_indices_ptr + page_start + offs_n // PAGE_SIZE, mask=n_valid, other=0)
+            slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+            keep = s_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= s_pos[:, None])
+            s_logits = tl.load(scratch_rows[:, None] + slot[None, :], mask=keep, other=float("-inf"))
+            weights = tl.sum(tl.exp2(s_logits - s_lse[:, None]), axis=0)
+            tl.store(slot_scores_ptr + kv_head * num_slots + slot, weights, mask=n_valid)
+
+
+def verify_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_indptr: torch.Tensor,
+    page_indices: torch.Tensor,
+    kv_lens: torch.Tensor,
+    q_len: int,
+    page_size: int,
+    scale: float,
+    scores: SlotScores | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Causal attention of each sequence's last q_len positions over positions [0, kv_lens[s]) of its pages.
+
+    q: [S · q_len, heads, d] (sequence s's queries at rows s · q_len …); k_cache, v_cache: [slots, kv_heads, d];
+    page_indptr: [S + 1], page_indices: int32 pages in position order; kv_lens: [S] int32 (≥ q_len).
+    scores: where the scored rows' weights go (see SlotScores). Returns [S · q_len, heads, d] in q's dtype.
+    """
+    tokens, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    num_seqs = tokens // q_len
+    assert tokens == num_seqs * q_len and heads == group * kv_heads, "q_len queries per sequence, GQA groups"
+    assert head_dim == triton.next_power_of_2(head_dim) and q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    out = torch.empty(tokens, heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_seqs == 0:
+        return out
+    if scores is not None:
+        assert scores.logits.shape[:2] == (kv_heads, 2 * group) and scores.out.shape[0] == kv_heads
+        assert scores.logits.shape[2] == scores.out.shape[1] == k_cache.shape[0] and scores.out.is_contiguous()
+        assert scores.logits.is_contiguous() and scores.rows.is_contiguous()
+        args = (scores.rows, scores.lengths, scores.logits, scores.out)
+    else:
+        args = (kv_lens, kv_lens, out, out)  # never read: SCORING is off
+    _verify_attention_kernel[(num_seqs, kv_heads)](
+        q, k_cache, v_cache, out, page_indptr, page_indices, kv_lens, *args, k_cache.shape[0],
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        scale * math.log2(math.e),
+        Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim,
+        ROW_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(q_len * group)),
+        SCORE_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(2 * group)),
+        PAGE_SIZE=page_size, BLOCK_N=block_n, SCORING=scores is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
