@@ -70,6 +70,8 @@ def _verify_attention_kernel(
     SCORE_TILE: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WEIGHT_ROWS: tl.constexpr,
+    WEIGHT_BLOCK: tl.constexpr,
     SCORING: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -127,14 +129,13 @@ def _verify_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
         if SCORING:
-            if score_len > 0:
-                s_logits = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-                s_logits = tl.where(offs_n[None, :] <= s_pos[:, None], s_logits, float("-inf"))
-                s_m_new = tl.maximum(s_m, tl.max(s_logits, axis=1))
-                s_denom = s_denom * tl.exp2(s_m - s_m_new) + tl.sum(tl.exp2(s_logits - s_m_new[:, None]), axis=1)
-                s_m = s_m_new
-                tl.store(scratch_rows[:, None] + slot[None, :], s_logits,
-                         mask=s_valid[:, None] & (offs_n < score_len)[None, :])
+            # no branch on score_len here: control flow in the loop costs the software pipelining of the K/V loads
+            s_logits = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            s_logits = tl.where(offs_n[None, :] <= s_pos[:, None], s_logits, float("-inf"))
+            s_m_new = tl.maximum(s_m, tl.max(s_logits, axis=1))
+            s_denom = s_denom * tl.exp2(s_m - s_m_new) + tl.sum(tl.exp2(s_logits - s_m_new[:, None]), axis=1)
+            s_m = s_m_new
+            tl.store(scratch_rows[:, None] + slot[None, :], s_logits, mask=s_valid[:, None] & (offs_n < score_len)[None, :])
 
     out = acc / denom[:, None]
     tl.store(out_ptr + (tokens[:, None] * tl.num_programs(1) * GROUP + heads[:, None]) * HEAD_DIM + offs_d[None, :],
@@ -143,14 +144,21 @@ def _verify_attention_kernel(
     if SCORING:
         # the stored logits are read back by other threads of this program
         tl.debug_barrier()
-        s_lse = s_m + tl.log2(s_denom)
-        for start in range(0, score_len, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
+        # the rows' statistics in a tile of WEIGHT_ROWS rows (no tl.dot here, so no padding to 16), read in wide
+        # blocks: this loop only loads and adds, so it is bound by how many loads are in flight
+        s_lse = tl.reshape(s_m + tl.log2(s_denom), [SCORE_TILE // WEIGHT_ROWS, WEIGHT_ROWS])
+        s_lse = tl.sum(tl.where(tl.arange(0, SCORE_TILE // WEIGHT_ROWS)[:, None] == 0, s_lse, 0.0), axis=0)
+        offs_w = tl.arange(0, WEIGHT_ROWS)
+        w_valid = offs_w < 2 * GROUP
+        w_pos = kv_len - Q_LEN + tl.load(score_rows_ptr + seq * 2 + tl.where(w_valid, offs_w // GROUP, 0))
+        weight_rows = logits_ptr + (kv_head * 2 * GROUP + offs_w).to(tl.int64) * num_slots
+        for start in range(0, score_len, WEIGHT_BLOCK):
+            offs_n = start + tl.arange(0, WEIGHT_BLOCK)
             n_valid = offs_n < score_len
             page = tl.load(page_indices_ptr + page_start + offs_n // PAGE_SIZE, mask=n_valid, other=0)
             slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
-            keep = s_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= s_pos[:, None])
-            s_logits = tl.load(scratch_rows[:, None] + slot[None, :], mask=keep, other=float("-inf"))
+            keep = w_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= w_pos[:, None])
+            s_logits = tl.load(weight_rows[:, None] + slot[None, :], mask=keep, other=float("-inf"))
             weights = tl.sum(tl.exp2(s_logits - s_lse[:, None]), axis=0)
             tl.store(slot_scores_ptr + kv_head * num_slots + slot, weights, mask=n_valid)
 
@@ -169,6 +177,7 @@ def verify_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    weight_block: int = 512,
 ) -> torch.Tensor:
     """Causal attention of each sequence's last q_len positions over positions [0, kv_lens[s]) of its pages.
 
@@ -200,6 +209,7 @@ def verify_attention(
         ROW_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(q_len * group)),
         SCORE_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(2 * group)),
         PAGE_SIZE=page_size, BLOCK_N=block_n, SCORING=scores is not None,
+        WEIGHT_ROWS=triton.next_power_of_2(2 * group), WEIGHT_BLOCK=weight_block,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -252,7 +252,7 @@ def test_streaming_selection_is_sinks_plus_the_window_before_the_anchor():
     assert torch.equal(sel.positions[0], sel.positions[1])
 
 
-def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int], score_lens: list[int], seed: int):
+def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int], score_lens: list[int], seed: int, **blocks):
     """A paged cache of shuffled pages, q_len queries per sequence at its last positions, some sequences scored.
 
     Returns the kernel's output and per-position scores (via gather_slot_scores) and the references'."""
@@ -291,7 +291,8 @@ def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int]
     )
     kv = torch.tensor(kv_lens, **i32)
     out = verify_attention(q.to(device), k_cache.to(device), v_cache.to(device), indptr, indices, kv, q_len, ps, d**-0.5,
-                           scores=SlotScores(slot_scores.rows, slot_scores.lengths, slot_scores.logits, slot_scores.out[0]))
+                           scores=SlotScores(slot_scores.rows, slot_scores.lengths, slot_scores.logits, slot_scores.out[0]),
+                           **blocks)
     scored = [s for s, n in enumerate(score_lens) if n]
     gathered = torch.full((1, len(scored), max(score_lens)), float("nan"), device=device)
     gather_slot_scores(slot_scores.out, indptr[scored], indices, torch.tensor([score_lens[s] for s in scored], **i32),
@@ -299,11 +300,14 @@ def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int]
     return out.cpu(), torch.cat(out_ref), gathered.cpu(), score_ref[:, scored, : max(score_lens)]
 
 
-@pytest.mark.parametrize("q_len,kv_lens,score_lens", [(5, [37, 130, 5, 64], [33, 126, 0, 60]), (1, [1, 90, 17], [0, 90, 17])])
-def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens):
+@pytest.mark.parametrize(
+    "q_len,kv_lens,score_lens,blocks",
+    [(5, [37, 130, 5, 64], [33, 126, 0, 60], {}), (1, [1, 90, 17], [0, 90, 17], dict(block_n=16, weight_block=32))],
+)
+def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens, blocks):
     """Verification (and decode) attention over shuffled pages equals SDPA; the weights it keeps on the way equal
     the reference scores of the two scored rows, over each scored span and -1 past it."""
-    out, out_ref, scores, score_ref = _verify_case("cpu", torch.float32, q_len, kv_lens, score_lens, seed=q_len)
+    out, out_ref, scores, score_ref = _verify_case("cpu", torch.float32, q_len, kv_lens, score_lens, seed=q_len, **blocks)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, score_ref, atol=1e-6, rtol=1e-4)
 
