@@ -11,8 +11,12 @@ gathering K/V: FlashInfer reads the paged cache in place. A step is planned as o
 Steps whose sequences all have one query (decode, draft) or all the same few queries (verification, or a
 prefill tail of that length), up to the largest batch bucket, run from fixed buffers per shape, padded
 with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.
-SpecAttn's scores need only q·K of two rows per sequence: each layer keeps those rows' queries and
-log-sum-exps, and one Triton launch over all layers turns them into scores after the forward.
+SpecAttn's scores need only q·K of two rows per sequence. A scoring graph shape of at least
+FUSED_SCORES_MIN_BATCH sequences runs our Triton verification kernel (`kernels.verify_attention`), which
+keeps those rows' weights per cache slot in the same pass over K, gathered into scores after the forward.
+Smaller ones (too few programs to fill the GPU without splitting the context) and eager steps run FlashInfer,
+keep the rows' queries and log-sum-exps per layer, and one Triton launch over all layers re-reads K for the
+scores after the forward.
 Every host-to-device copy of a plan is non-blocking (a pageable source is staged at once, so it may be
 freed): a blocking copy would make the host wait for all queued GPU work, e.g. for the draft chain
 before it could plan the verification that follows it.
@@ -28,13 +32,17 @@ import torch
 
 from specattn.kernels.cache_write import write_kv
 from specattn.kernels.draft_attention import sparse_draft_attention
-from specattn.kernels.scores import verification_scores_paged
+from specattn.kernels.scores import gather_slot_scores, verification_scores_paged
+from specattn.kernels.verify_attention import SlotScores, verify_attention
 
 from .attention import GraphShape, ScoreBatch, SequenceAttention
 from .kv_cache import KVCache, token_slots
 
 _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+# Scoring steps of at least this batch run the verification kernel that keeps the scores in its pass over K
+# (one program per sequence and KV head: below it the GPU is not full). Measured on the H200 at 8k: docs/perf-notes.md.
+FUSED_SCORES_MIN_BATCH = 96
 
 
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
@@ -69,13 +77,23 @@ class _PinnedStaging:
 class _Plan:
     """What a full-attention forward's per-layer calls read. Fixed buffers reused by every step of a graph shape, or one eager step's own."""
 
-    wrapper: Any
+    wrapper: Any  # None for a fused shape
     slot_mapping: torch.Tensor  # cache slot of each new token
     indices: torch.Tensor  # page indices the wrapper reads
     indptr: torch.Tensor  # [batch + 1] on the device: where each sequence's indices start
     rows: torch.Tensor | None = None  # [2 · sequences] token index of the two scored rows of each (scoring plans)
     q_rows: torch.Tensor | None = None  # [layers, sequences, 2, heads, d] written by the forward
     lse_rows: torch.Tensor | None = None  # [layers, sequences, 2, heads]
+    fused: _FusedScoring | None = None  # set: our verification kernel runs instead of the wrapper, keeping scores
+
+
+@dataclass
+class _FusedScoring:
+    """A graph shape's inputs to `verify_attention`, besides the plan's page indices and indptr."""
+
+    query_len: int
+    kv_lens: torch.Tensor  # [batch] int32 positions each sequence attends
+    scores: SlotScores  # rows and lengths per sequence (0: not scored); the backend's shared per-slot buffers
 
 
 @dataclass
@@ -104,6 +122,7 @@ class FlashInferAttentionBackend:
         max_draft_recent: int,
         needs_scores: bool,
         graphs: bool,
+        fused_scores_min_batch: int | None = None,
     ):
         import flashinfer  # CUDA installs only (the `gpu` extra)
 
@@ -124,6 +143,8 @@ class FlashInferAttentionBackend:
         self._max_draft_selected = max_draft_selected
         self._max_draft_recent = max_draft_recent
         self._needs_scores = needs_scores  # whether graph shapes keep score rows (only SpecAttn uses them)
+        self._fused_min_batch = FUSED_SCORES_MIN_BATCH if fused_scores_min_batch is None else fused_scores_min_batch
+        self._slot_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # logits scratch, per-slot weights
         self._graph_plans: dict[GraphShape, _Plan | _DraftPlan] = {}
         self._shared_score_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._shared_draft_slots: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -157,7 +178,7 @@ class FlashInferAttentionBackend:
         return self._plan_full(seqs, bucket)
 
     def _graph_plan(self, shape: GraphShape) -> _Plan:
-        """The fixed buffers and CUDA-graph-mode wrapper of one full-attention shape, made on its first use."""
+        """The fixed buffers (and CUDA-graph-mode wrapper) of one full-attention shape, made on its first use."""
         plan = self._graph_plans.get(shape)
         if plan is not None:
             return plan
@@ -165,21 +186,28 @@ class FlashInferAttentionBackend:
         i32 = dict(dtype=torch.int32, device=dev)
         capacity = self.cache.allocator.num_pages + b
         indptr, indices, last_len = torch.zeros(b + 1, **i32), torch.zeros(capacity, **i32), torch.ones(b, **i32)
-        wrapper = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_cuda_graph=True, backend="fa2", use_tensor_cores=True,
-            paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_len,
-        )
+        slot_mapping = torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev)
         scoring = self._needs_scores and shape.kind != "decode"
-        q_rows, lse_rows = self._score_row_buffers() if scoring else (None, None)
-        plan = _Plan(
-            wrapper=wrapper,
-            slot_mapping=torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev),
-            indices=indices,
-            indptr=indptr,
-            rows=torch.zeros(2 * b, dtype=torch.long, device=dev) if scoring else None,
-            q_rows=q_rows[:, :b] if scoring else None,
-            lse_rows=lse_rows[:, :b] if scoring else None,
-        )
+        if scoring and b >= self._fused_min_batch:
+            logits, per_slot = self._slot_score_buffers()
+            fused = _FusedScoring(q, torch.full((b,), q, **i32),
+                                  SlotScores(torch.zeros(b, 2, **i32), torch.zeros(b, **i32), logits, per_slot))
+            plan = _Plan(wrapper=None, slot_mapping=slot_mapping, indices=indices, indptr=indptr, fused=fused)
+        else:
+            wrapper = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_cuda_graph=True, backend="fa2", use_tensor_cores=True,
+                paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_len,
+            )
+            q_rows, lse_rows = self._score_row_buffers() if scoring else (None, None)
+            plan = _Plan(
+                wrapper=wrapper,
+                slot_mapping=slot_mapping,
+                indices=indices,
+                indptr=indptr,
+                rows=torch.zeros(2 * b, dtype=torch.long, device=dev) if scoring else None,
+                q_rows=q_rows[:, :b] if scoring else None,
+                lse_rows=lse_rows[:, :b] if scoring else None,
+            )
         self._graph_plans[shape] = plan
         return plan
 
@@ -208,13 +236,16 @@ class FlashInferAttentionBackend:
             shape = GraphShape(kind, bucket, q)
             plan = self._graph_plan(shape)
             plan.slot_mapping.copy_(slot_mapping, non_blocking=True)
-            if plan.rows is not None:
+            if plan.fused is not None:
+                self._fill_fused(plan, seqs, pad, indptr, page_ids)
+            elif plan.rows is not None:
                 # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
                 rows = [s.scored_pair if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
                 plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]), non_blocking=True)
-            # indices handed over on the device: FlashInfer copies host indices blocking (waiting for the draft chain)
-            plan.wrapper.plan(torch.from_numpy(indptr), self._staging.to_device(page_ids), last_len,
-                              *dims, q_len_per_req=q, **self._kernel_args())
+            if plan.wrapper is not None:
+                # indices handed over on the device: FlashInfer copies host indices blocking (waiting for the draft chain)
+                plan.wrapper.plan(torch.from_numpy(indptr), self._staging.to_device(page_ids), last_len,
+                                  *dims, q_len_per_req=q, **self._kernel_args())
             self._scored_index = (None if self._scored == list(range(len(self._scored)))
                                   else torch.tensor(self._scored).to(self.device, non_blocking=True))
         else:
@@ -247,6 +278,30 @@ class FlashInferAttentionBackend:
                 _int32(self._score_lengths, self.device),
             )
         return shape
+
+    def _fill_fused(self, plan: _Plan, seqs: list[SequenceAttention], pad: int, indptr: np.ndarray, page_ids: np.ndarray) -> None:
+        """A fused shape's inputs for this step: pages, lengths, and which rows of which sequences are scored."""
+        fused, q = plan.fused, plan.fused.query_len
+        plan.indptr.copy_(torch.from_numpy(indptr), non_blocking=True)
+        plan.indices[: len(page_ids)].copy_(self._staging.to_device(page_ids))
+        per_seq = np.full((len(seqs) + pad, 4), (q, q - 1, q - 1, 0), dtype=np.int32)  # kv_len, rows, score_len
+        for row, s in zip(per_seq, seqs):
+            row[:] = (s.end_pos, *(s.scored_pair if s.score_rows else (q - 1, q - 1)), s.score_len if s.score_rows else 0)
+        per_seq_dev = torch.from_numpy(per_seq).to(self.device, non_blocking=True)
+        fused.kv_lens.copy_(per_seq_dev[:, 0])
+        fused.scores.rows.copy_(per_seq_dev[:, 1:3])
+        fused.scores.lengths.copy_(per_seq_dev[:, 3])
+
+    def _slot_score_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused kernel's logits scratch [kv_heads, 2 · group, slots] and per-slot weights [layers, kv_heads, slots],
+        shared by every fused shape (one forward is live at a time): 72 + 12 · layers bytes per cached token."""
+        if self._slot_buffers is None:
+            slots, group = self.cache.k.shape[1], self.num_heads // self.num_kv_heads
+            self._slot_buffers = (
+                torch.zeros(self.num_kv_heads, 2 * group, slots, device=self.device),
+                torch.zeros(self.num_layers, self.num_kv_heads, slots, device=self.device),
+            )
+        return self._slot_buffers
 
     def _score_row_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scored rows' queries and LSEs at the largest bucket: one forward is live at a time, so every graph shape
@@ -323,6 +378,11 @@ class FlashInferAttentionBackend:
             return sparse_draft_attention(
                 q, k_cache, v_cache, plan.selected[layer], plan.sel_indptr, plan.recent, plan.counts, self.scale
             )
+        if plan.fused is not None:
+            f = plan.fused
+            scores = SlotScores(f.scores.rows, f.scores.lengths, f.scores.logits, f.scores.out[layer])
+            return verify_attention(q, k_cache, v_cache, plan.indptr, plan.indices, f.kv_lens, f.query_len,
+                                    self.cache.page_size, self.scale, scores=scores)
         q = q.contiguous()
         paged = (
             k_cache.view(-1, self.cache.page_size, self.num_kv_heads, self.head_dim),
@@ -336,16 +396,21 @@ class FlashInferAttentionBackend:
         return out
 
     def take_scores(self) -> ScoreBatch | None:
-        """The scored sequences' attention scores from the rows the last forward kept: one Triton launch, all layers."""
+        """The scored sequences' attention scores of the last forward, all layers in one Triton launch: gathered from
+        the per-slot weights the fused kernel kept, or computed from the rows' queries and LSEs FlashInfer's steps kept."""
         if not self._scored:
             return None
         plan = self._plan
+        scores = torch.empty(self.num_layers, len(self._scored), max(self._score_lengths), device=self.device)
+        if plan.fused is not None:
+            _, page_start, indices, lengths = self._score_args
+            gather_slot_scores(plan.fused.scores.out, page_start, indices, lengths, self.cache.page_size, self.num_heads, scores)
+            return ScoreBatch(list(self._scored), scores, list(self._score_lengths))
         q_rows, lse_rows = plan.q_rows, plan.lse_rows
         if self._scored_index is not None:
             q_rows, lse_rows = q_rows.index_select(1, self._scored_index), lse_rows.index_select(1, self._scored_index)
         else:
             q_rows, lse_rows = q_rows[:, : len(self._scored)], lse_rows[:, : len(self._scored)]
-        scores = torch.empty(self.num_layers, len(self._scored), max(self._score_lengths), device=self.device)
         verification_scores_paged(q_rows, lse_rows, self.cache.k, *self._score_args, page_size=self.cache.page_size,
                                   scale=self.scale, out=scores)
         return ScoreBatch(list(self._scored), scores, list(self._score_lengths))

@@ -67,7 +67,6 @@ def _verify_attention_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROW_TILE: tl.constexpr,
-    SCORE_TILE: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WEIGHT_ROWS: tl.constexpr,
@@ -94,21 +93,15 @@ def _verify_attention_kernel(
     denom = tl.zeros([ROW_TILE], dtype=tl.float32)
     acc = tl.zeros([ROW_TILE, HEAD_DIM], dtype=tl.float32)
 
-    # score tile row r: scored row r // GROUP (of the two), same head layout
-    offs_s = tl.arange(0, SCORE_TILE)
-    s_valid = offs_s < 2 * GROUP
     score_len = 0
     if SCORING:
+        # the scored rows are rows of this tile: those of query `first` go to scratch rows 0 … GROUP − 1, those of
+        # `second` to GROUP … 2 · GROUP − 1 (a row scored twice is stored once, as `first`)
         score_len = tl.load(score_lens_ptr + seq)
-        s_qidx = tl.load(score_rows_ptr + seq * 2 + tl.where(s_valid, offs_s // GROUP, 0))
-        s_heads = kv_head * GROUP + offs_s % GROUP
-        s_tokens = seq.to(tl.int64) * Q_LEN + s_qidx
-        qs = tl.load(q_ptr + s_tokens[:, None] * stride_qt + s_heads[:, None] * stride_qh + offs_d[None, :],
-                     mask=s_valid[:, None], other=0.0)
-        s_pos = kv_len - Q_LEN + s_qidx
-        s_m = tl.full([SCORE_TILE], float("-inf"), dtype=tl.float32)
-        s_denom = tl.zeros([SCORE_TILE], dtype=tl.float32)
-        scratch_rows = logits_ptr + (kv_head * 2 * GROUP + offs_s).to(tl.int64) * num_slots
+        first = tl.load(score_rows_ptr + seq * 2)
+        second = tl.load(score_rows_ptr + seq * 2 + 1)
+        is_scored = r_valid & ((q_idx == first) | (q_idx == second))
+        scratch_rows = logits_ptr + (kv_head * 2 * GROUP + tl.where(q_idx == first, 0, GROUP) + offs_r % GROUP).to(tl.int64) * num_slots
 
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -130,12 +123,7 @@ def _verify_attention_kernel(
         m = m_new
         if SCORING:
             # no branch on score_len here: control flow in the loop costs the software pipelining of the K/V loads
-            s_logits = tl.dot(qs, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            s_logits = tl.where(offs_n[None, :] <= s_pos[:, None], s_logits, float("-inf"))
-            s_m_new = tl.maximum(s_m, tl.max(s_logits, axis=1))
-            s_denom = s_denom * tl.exp2(s_m - s_m_new) + tl.sum(tl.exp2(s_logits - s_m_new[:, None]), axis=1)
-            s_m = s_m_new
-            tl.store(scratch_rows[:, None] + slot[None, :], s_logits, mask=s_valid[:, None] & (offs_n < score_len)[None, :])
+            tl.store(scratch_rows[:, None] + slot[None, :], logits, mask=is_scored[:, None] & (offs_n < score_len)[None, :])
 
     out = acc / denom[:, None]
     tl.store(out_ptr + (tokens[:, None] * tl.num_programs(1) * GROUP + heads[:, None]) * HEAD_DIM + offs_d[None, :],
@@ -144,14 +132,19 @@ def _verify_attention_kernel(
     if SCORING:
         # the stored logits are read back by other threads of this program
         tl.debug_barrier()
-        # the rows' statistics in a tile of WEIGHT_ROWS rows (no tl.dot here, so no padding to 16), read in wide
-        # blocks: this loop only loads and adds, so it is bound by how many loads are in flight
-        s_lse = tl.reshape(s_m + tl.log2(s_denom), [SCORE_TILE // WEIGHT_ROWS, WEIGHT_ROWS])
-        s_lse = tl.sum(tl.where(tl.arange(0, SCORE_TILE // WEIGHT_ROWS)[:, None] == 0, s_lse, 0.0), axis=0)
+        # a tile of WEIGHT_ROWS rows (no tl.dot here, so no padding to 16): row w is head w % GROUP of the
+        # first (w < GROUP) or second scored query; read in wide blocks, as this loop only loads and adds
         offs_w = tl.arange(0, WEIGHT_ROWS)
         w_valid = offs_w < 2 * GROUP
-        w_pos = kv_len - Q_LEN + tl.load(score_rows_ptr + seq * 2 + tl.where(w_valid, offs_w // GROUP, 0))
-        weight_rows = logits_ptr + (kv_head * 2 * GROUP + offs_w).to(tl.int64) * num_slots
+        w_second = offs_w >= GROUP
+        w_query = tl.where(w_second, second, first)
+        w_pos = kv_len - Q_LEN + w_query
+        weight_rows = logits_ptr + (kv_head * 2 * GROUP + tl.where(w_second & (first != second), GROUP, 0)
+                                    + offs_w % GROUP).to(tl.int64) * num_slots
+        # each weight row's log-sum-exp, picked out of the attention tile's rows
+        lse = m + tl.log2(denom)
+        source = w_query * GROUP + offs_w % GROUP
+        w_lse = tl.sum(tl.where(offs_r[None, :] == source[:, None], lse[None, :], 0.0), axis=1)
         for start in range(0, score_len, WEIGHT_BLOCK):
             offs_n = start + tl.arange(0, WEIGHT_BLOCK)
             n_valid = offs_n < score_len
@@ -159,7 +152,7 @@ def _verify_attention_kernel(
             slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
             keep = w_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= w_pos[:, None])
             s_logits = tl.load(weight_rows[:, None] + slot[None, :], mask=keep, other=float("-inf"))
-            weights = tl.sum(tl.exp2(s_logits - s_lse[:, None]), axis=0)
+            weights = tl.sum(tl.exp2(s_logits - w_lse[:, None]), axis=0)
             tl.store(slot_scores_ptr + kv_head * num_slots + slot, weights, mask=n_valid)
 
 
@@ -174,7 +167,7 @@ def verify_attention(
     page_size: int,
     scale: float,
     scores: SlotScores | None = None,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
     weight_block: int = 512,
@@ -207,7 +200,6 @@ def verify_attention(
         scale * math.log2(math.e),
         Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim,
         ROW_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(q_len * group)),
-        SCORE_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(2 * group)),
         PAGE_SIZE=page_size, BLOCK_N=block_n, SCORING=scores is not None,
         WEIGHT_ROWS=triton.next_power_of_2(2 * group), WEIGHT_BLOCK=weight_block,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -133,7 +133,7 @@ def main() -> int:
                 key = f"{name} q{q_len}"
                 if n == 0:
                     sweep = {}
-                    for bn, nw, st in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
+                    for bn, nw, st in itertools.product((64, 128), (2, 4, 8), (2, 3)):
                         cfg = dict(block_n=bn, num_warps=nw, num_stages=st)
                         try:
                             sweep[(bn, nw, st)] = ours_us(cfg, with_scores)
@@ -145,7 +145,7 @@ def main() -> int:
                     bn, nw, st = top[0][0]
                     best[key] = dict(block_n=bn, num_warps=nw, num_stages=st)
                     if with_scores:
-                        wsweep = {wb: ours_us({**best[key], "weight_block": wb}, True) for wb in (128, 256, 512, 1024, 2048)}
+                        wsweep = {wb: ours_us({**best[key], "weight_block": wb}, True) for wb in (256, 512, 1024)}
                         print(f"  {key} weight_block sweep: {wsweep}", flush=True)
                         best[key]["weight_block"] = min(wsweep, key=wsweep.get)
                     timings[f"{name} default"] = sweep.get((64, 4, 2), float("nan"))

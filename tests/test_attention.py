@@ -147,12 +147,12 @@ def _gpu_cache(page_size: int = 16) -> KVCache:
     return make_cache(page_size, torch.bfloat16, "cuda", num_pages=4096, heads=9, kv_heads=3, dim=64)
 
 
-def _flashinfer(cache: KVCache, graphs: bool):
+def _flashinfer(cache: KVCache, graphs: bool, fused_scores_min_batch: int | None = None):
     from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
 
     return FlashInferAttentionBackend(
         cache, 64**-0.5, 9, max_batch=8, max_query_len=5, max_draft_selected=1000, max_draft_recent=40,
-        needs_scores=True, graphs=graphs,
+        needs_scores=True, graphs=graphs, fused_scores_min_batch=fused_scores_min_batch,
     )
 
 
@@ -175,13 +175,16 @@ def test_gpu_flashinfer_matches_dense(kinds, graphs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "kinds,scored",
-    [([(3000, 5), (40, 1), (600, 3), (0, 50)], {0: (0, 4), 2: (0, 2), 3: (49,)}),  # eager prefill path
-     ([(3000, 5), (40, 5), (600, 5), (77, 5)], {0: (0, 4), 1: (0, 4), 3: (0, 4)})],  # a verify graph shape
-    ids=["mixed", "verify"],
+    "kinds,scored,fused_min",
+    [([(3000, 5), (40, 1), (600, 3), (0, 50)], {0: (0, 4), 2: (0, 2), 3: (49,)}, None),  # eager prefill path
+     ([(3000, 5), (40, 5), (600, 5), (77, 5)], {0: (0, 4), 1: (0, 4), 3: (0, 4)}, None),  # a verify graph shape
+     ([(3000, 5), (40, 5), (600, 5), (77, 5)], {0: (0, 4), 1: (3, 3), 3: (0, 4)}, 1),  # ... on the fused kernel
+     ([(3000, 1), (40, 1), (600, 1)], {0: (0,), 2: (0,)}, 1)],  # a scored decode on the fused kernel
+    ids=["mixed", "verify", "verify-fused", "scored-decode-fused"],
 )
-def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored):
-    """Verification through FlashInfer + the Triton kernel extracts the torch backend's scores, and maps positions to the same slots."""
+def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored, fused_min):
+    """Verification through FlashInfer + the score kernel, or through our fused kernel, extracts the torch backend's
+    scores, and maps positions to the same slots."""
     cache = _gpu_cache()
     sc = build_scenario(cache, kinds, torch.Generator().manual_seed(12), heads=9)
     for i, rows in scored.items():  # a verification scores its first and last row; a prefill's last chunk one row
@@ -189,7 +192,8 @@ def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored):
         s.score_rows, s.score_len = rows, s.start_pos + rows[0] + 1
     positions = torch.randint(0, 40, (LAYERS, len(scored), 20), device="cuda")
     results = []
-    for backend in (TorchAttentionBackend(cache, 64**-0.5), _flashinfer(cache, graphs=True)):
+    flashinfer = _flashinfer(cache, graphs=True, fused_scores_min_batch=fused_min)
+    for backend in (TorchAttentionBackend(cache, 64**-0.5), flashinfer):
         run_and_compare(backend, sc, atol=3e-2, rtol=3e-2)
         scores = backend.take_scores()
         results.append((scores, backend.slots_of(scores.seqs, positions).long()))
@@ -197,6 +201,7 @@ def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored):
     assert got.seqs == ref.seqs == sorted(scored) and got.lengths == ref.lengths
     torch.testing.assert_close(got.scores, ref.scores.float(), atol=2e-4, rtol=3e-2)
     assert torch.equal(got_slots, ref_slots)
+    assert (flashinfer._plan.fused is not None) == (fused_min is not None)
 
 
 @pytest.mark.gpu

@@ -93,6 +93,27 @@ def test_gpu_flashinfer_speculation_matches_plain_decoding(make_engine, smollm_f
     _same_or_near_tie(reference, prompts, plain, adaptive.generate(prompts, params), "adaptive specattn vs plain")
 
 
+def test_gpu_fused_scoring_matches_plain_decoding(make_engine, smollm_files, monkeypatch):
+    """SpecAttn on our verification kernel that keeps the scores (forced at every batch size): the tokens of plain
+    decoding, and the acceptance of FlashInfer + the separate score kernel (the same scores select the same tokens)."""
+    from specattn.engine import flashinfer_attention
+
+    tok = smollm_files.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS] + _long_prompts(tok, [3000, 1500, 6000, 800])
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    kw = dict(device="cuda", num_pages=2048, attention="flashinfer")
+    reference = make_engine(device="cuda", num_pages=2048, dtype=torch.float32, attention="torch")
+    plain = make_engine(spec=SpecConfig(drafter="none"), enforce_eager=True, **kw).generate(prompts, params)
+    separate = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), **kw)
+    separate.generate(prompts, params)
+    monkeypatch.setattr(flashinfer_attention, "FUSED_SCORES_MIN_BATCH", 1)
+    fused = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), **kw)
+    _same_or_near_tie(reference, prompts, plain, fused.generate(prompts, params), "specattn on the fused kernel vs plain")
+    assert any(p.fused is not None for p in fused.runner.backend._graph_plans.values())
+    rates = [e.stats().spec.acceptance_rate for e in (separate, fused)]
+    assert abs(rates[0] - rates[1]) < 0.05, f"acceptance with the separate score kernel {rates[0]:.2f}, fused {rates[1]:.2f}"
+
+
 def test_gpu_answers_the_capital_question(make_engine, smollm_files):
     from tests.conftest import CAPITAL_QUESTION
 
