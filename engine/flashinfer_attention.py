@@ -11,12 +11,13 @@ gathering K/V: FlashInfer reads the paged cache in place. A step is planned as o
 Steps whose sequences all have one query (decode, draft) or all the same few queries (verification, or a
 prefill tail of that length), up to the largest batch bucket, run from fixed buffers per shape, padded
 with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.
-SpecAttn's scores need only q·K of two rows per sequence. A scoring graph shape of at least
-FUSED_SCORES_MIN_BATCH sequences runs our Triton verification kernel (`kernels.verify_attention`), which
-keeps those rows' weights per cache slot in the same pass over K, gathered into scores after the forward.
-Smaller ones (too few programs to fill the GPU without splitting the context) and eager steps run FlashInfer,
-keep the rows' queries and log-sum-exps per layer, and one Triton launch over all layers re-reads K for the
-scores after the forward.
+Full-attention graph shapes (decode, verify) of at least TRITON_ATTENTION_MIN_BATCH sequences run our Triton
+kernel (`kernels.verify_attention`) instead of FlashInfer: at those batches it reads the cache faster, and when
+the step scores it keeps the two scored rows' weights per cache slot in the same pass over K (SpecAttn's scores
+need only q·K of two rows per sequence), gathered into scores after the forward. Decode and verification use it
+at the same batches, so a verified row is computed exactly as plain decoding computes it. Smaller shapes (too few
+programs to fill the GPU without splitting the context) and eager steps run FlashInfer, keep the scored rows'
+queries and log-sum-exps per layer, and one Triton launch over all layers re-reads K for the scores.
 Every host-to-device copy of a plan is non-blocking (a pageable source is staged at once, so it may be
 freed): a blocking copy would make the host wait for all queued GPU work, e.g. for the draft chain
 before it could plan the verification that follows it.
@@ -40,9 +41,9 @@ from .kv_cache import KVCache, token_slots
 
 _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-# Scoring steps of at least this batch run the verification kernel that keeps the scores in its pass over K
-# (one program per sequence and KV head: below it the GPU is not full). Measured on the H200 at 8k: docs/perf-notes.md.
-FUSED_SCORES_MIN_BATCH = 96
+# Full-attention graph shapes of at least this batch run our Triton kernel (one program per sequence and KV head:
+# below it the GPU is not full without splitting the context). Measured on the H200: docs/perf-notes.md entry 28.
+TRITON_ATTENTION_MIN_BATCH = 96
 
 
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
@@ -77,23 +78,23 @@ class _PinnedStaging:
 class _Plan:
     """What a full-attention forward's per-layer calls read. Fixed buffers reused by every step of a graph shape, or one eager step's own."""
 
-    wrapper: Any  # None for a fused shape
+    wrapper: Any  # None where our kernel runs (`triton`)
     slot_mapping: torch.Tensor  # cache slot of each new token
     indices: torch.Tensor  # page indices the wrapper reads
     indptr: torch.Tensor  # [batch + 1] on the device: where each sequence's indices start
     rows: torch.Tensor | None = None  # [2 · sequences] token index of the two scored rows of each (scoring plans)
     q_rows: torch.Tensor | None = None  # [layers, sequences, 2, heads, d] written by the forward
     lse_rows: torch.Tensor | None = None  # [layers, sequences, 2, heads]
-    fused: _FusedScoring | None = None  # set: our verification kernel runs instead of the wrapper, keeping scores
+    triton: _TritonInputs | None = None  # set: our kernel runs instead of the wrapper (and keeps scores if it scores)
 
 
 @dataclass
-class _FusedScoring:
+class _TritonInputs:
     """A graph shape's inputs to `verify_attention`, besides the plan's page indices and indptr."""
 
     query_len: int
     kv_lens: torch.Tensor  # [batch] int32 positions each sequence attends
-    scores: SlotScores  # rows and lengths per sequence (0: not scored); the backend's shared per-slot buffers
+    scores: SlotScores | None  # scoring shapes: rows and lengths per sequence (0: not scored); the shared per-slot buffers
 
 
 @dataclass
@@ -122,7 +123,7 @@ class FlashInferAttentionBackend:
         max_draft_recent: int,
         needs_scores: bool,
         graphs: bool,
-        fused_scores_min_batch: int | None = None,
+        triton_min_batch: int | None = None,
     ):
         import flashinfer  # CUDA installs only (the `gpu` extra)
 
@@ -143,7 +144,7 @@ class FlashInferAttentionBackend:
         self._max_draft_selected = max_draft_selected
         self._max_draft_recent = max_draft_recent
         self._needs_scores = needs_scores  # whether graph shapes keep score rows (only SpecAttn uses them)
-        self._fused_min_batch = FUSED_SCORES_MIN_BATCH if fused_scores_min_batch is None else fused_scores_min_batch
+        self._triton_min_batch = TRITON_ATTENTION_MIN_BATCH if triton_min_batch is None else triton_min_batch
         self._slot_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # logits scratch, per-slot weights
         self._graph_plans: dict[GraphShape, _Plan | _DraftPlan] = {}
         self._shared_score_rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -188,11 +189,13 @@ class FlashInferAttentionBackend:
         indptr, indices, last_len = torch.zeros(b + 1, **i32), torch.zeros(capacity, **i32), torch.ones(b, **i32)
         slot_mapping = torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev)
         scoring = self._needs_scores and shape.kind != "decode"
-        if scoring and b >= self._fused_min_batch:
-            logits, per_slot = self._slot_score_buffers()
-            fused = _FusedScoring(q, torch.full((b,), q, **i32),
-                                  SlotScores(torch.zeros(b, 2, **i32), torch.zeros(b, **i32), logits, per_slot))
-            plan = _Plan(wrapper=None, slot_mapping=slot_mapping, indices=indices, indptr=indptr, fused=fused)
+        if b >= self._triton_min_batch:
+            scores = None
+            if scoring:
+                logits, per_slot = self._slot_score_buffers()
+                scores = SlotScores(torch.zeros(b, 2, **i32), torch.zeros(b, **i32), logits, per_slot)
+            triton = _TritonInputs(q, torch.full((b,), q, **i32), scores)
+            plan = _Plan(wrapper=None, slot_mapping=slot_mapping, indices=indices, indptr=indptr, triton=triton)
         else:
             wrapper = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self._workspace, "NHD", use_cuda_graph=True, backend="fa2", use_tensor_cores=True,
@@ -236,8 +239,8 @@ class FlashInferAttentionBackend:
             shape = GraphShape(kind, bucket, q)
             plan = self._graph_plan(shape)
             plan.slot_mapping.copy_(slot_mapping, non_blocking=True)
-            if plan.fused is not None:
-                self._fill_fused(plan, seqs, pad, indptr, page_ids)
+            if plan.triton is not None:
+                self._fill_triton(plan, seqs, pad, indptr, page_ids)
             elif plan.rows is not None:
                 # every sequence's rows are gathered (the graph is fixed); unscored ones gather their last row twice
                 rows = [s.scored_pair if s.score_rows else (q - 1, q - 1) for s in seqs] + [(0, 0)] * pad
@@ -279,22 +282,26 @@ class FlashInferAttentionBackend:
             )
         return shape
 
-    def _fill_fused(self, plan: _Plan, seqs: list[SequenceAttention], pad: int, indptr: np.ndarray, page_ids: np.ndarray) -> None:
-        """A fused shape's inputs for this step: pages, lengths, and which rows of which sequences are scored."""
-        fused, q = plan.fused, plan.fused.query_len
+    def _fill_triton(self, plan: _Plan, seqs: list[SequenceAttention], pad: int, indptr: np.ndarray, page_ids: np.ndarray) -> None:
+        """Our kernel's inputs for this step: pages, lengths, and which rows of which sequences are scored."""
+        inputs, q = plan.triton, plan.triton.query_len
         plan.indptr.copy_(torch.from_numpy(indptr), non_blocking=True)
         plan.indices[: len(page_ids)].copy_(self._staging.to_device(page_ids))
-        per_seq = np.full((len(seqs) + pad, 4), (q, q - 1, q - 1, 0), dtype=np.int32)  # kv_len, rows, score_len
-        for row, s in zip(per_seq, seqs):
-            row[:] = (s.end_pos, *(s.scored_pair if s.score_rows else (q - 1, q - 1)), s.score_len if s.score_rows else 0)
+        n = len(seqs)
+        per_seq = np.full((n + pad, 4), (q, q - 1, q - 1, 0), dtype=np.int32)  # kv_len, scored rows, score_len
+        per_seq[:n, 0] = [s.end_pos for s in seqs]
+        if self._scored:
+            per_seq[:n, 1:3] = [s.scored_pair if s.score_rows else (q - 1, q - 1) for s in seqs]
+            per_seq[:n, 3] = [s.score_len if s.score_rows else 0 for s in seqs]
         per_seq_dev = torch.from_numpy(per_seq).to(self.device, non_blocking=True)
-        fused.kv_lens.copy_(per_seq_dev[:, 0])
-        fused.scores.rows.copy_(per_seq_dev[:, 1:3])
-        fused.scores.lengths.copy_(per_seq_dev[:, 3])
+        inputs.kv_lens.copy_(per_seq_dev[:, 0])
+        if inputs.scores is not None:
+            inputs.scores.rows.copy_(per_seq_dev[:, 1:3])
+            inputs.scores.lengths.copy_(per_seq_dev[:, 3])
 
     def _slot_score_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused kernel's logits scratch [kv_heads, 2 · group, slots] and per-slot weights [layers, kv_heads, slots],
-        shared by every fused shape (one forward is live at a time): 72 + 12 · layers bytes per cached token."""
+        """Our kernel's logits scratch [kv_heads, 2 · group, slots] and per-slot weights [layers, kv_heads, slots],
+        shared by every scoring shape it runs (one forward is live at a time): 72 + 12 · layers bytes per cached token."""
         if self._slot_buffers is None:
             slots, group = self.cache.k.shape[1], self.num_heads // self.num_kv_heads
             self._slot_buffers = (
@@ -378,10 +385,10 @@ class FlashInferAttentionBackend:
             return sparse_draft_attention(
                 q, k_cache, v_cache, plan.selected[layer], plan.sel_indptr, plan.recent, plan.counts, self.scale
             )
-        if plan.fused is not None:
-            f = plan.fused
-            scores = SlotScores(f.scores.rows, f.scores.lengths, f.scores.logits, f.scores.out[layer])
-            return verify_attention(q, k_cache, v_cache, plan.indptr, plan.indices, f.kv_lens, f.query_len,
+        if plan.triton is not None:
+            t = plan.triton
+            scores = None if t.scores is None else SlotScores(t.scores.rows, t.scores.lengths, t.scores.logits, t.scores.out[layer])
+            return verify_attention(q, k_cache, v_cache, plan.indptr, plan.indices, t.kv_lens, t.query_len,
                                     self.cache.page_size, self.scale, scores=scores)
         q = q.contiguous()
         paged = (
@@ -397,14 +404,14 @@ class FlashInferAttentionBackend:
 
     def take_scores(self) -> ScoreBatch | None:
         """The scored sequences' attention scores of the last forward, all layers in one Triton launch: gathered from
-        the per-slot weights the fused kernel kept, or computed from the rows' queries and LSEs FlashInfer's steps kept."""
+        the per-slot weights our kernel kept, or computed from the rows' queries and LSEs FlashInfer's steps kept."""
         if not self._scored:
             return None
         plan = self._plan
         scores = torch.empty(self.num_layers, len(self._scored), max(self._score_lengths), device=self.device)
-        if plan.fused is not None:
+        if plan.triton is not None:
             _, page_start, indices, lengths = self._score_args
-            gather_slot_scores(plan.fused.scores.out, page_start, indices, lengths, self.cache.page_size, self.num_heads, scores)
+            gather_slot_scores(plan.triton.scores.out, page_start, indices, lengths, self.cache.page_size, self.num_heads, scores)
             return ScoreBatch(list(self._scored), scores, list(self._score_lengths))
         q_rows, lse_rows = plan.q_rows, plan.lse_rows
         if self._scored_index is not None:

@@ -93,9 +93,10 @@ def test_gpu_flashinfer_speculation_matches_plain_decoding(make_engine, smollm_f
     _same_or_near_tie(reference, prompts, plain, adaptive.generate(prompts, params), "adaptive specattn vs plain")
 
 
-def test_gpu_fused_scoring_matches_plain_decoding(make_engine, smollm_files, monkeypatch):
-    """SpecAttn on our verification kernel that keeps the scores (forced at every batch size): the tokens of plain
-    decoding, and the acceptance of FlashInfer + the separate score kernel (the same scores select the same tokens)."""
+def test_gpu_triton_attention_matches_plain_decoding(make_engine, smollm_files, monkeypatch):
+    """Our Triton attention kernel (forced at every batch size) for plain decoding and for SpecAttn's verification,
+    which keeps the scores in its pass: plain decoding's tokens, and the acceptance of FlashInfer + the separate
+    score kernel (the same scores select the same tokens)."""
     from specattn.engine import flashinfer_attention
 
     tok = smollm_files.tokenizer
@@ -106,12 +107,16 @@ def test_gpu_fused_scoring_matches_plain_decoding(make_engine, smollm_files, mon
     plain = make_engine(spec=SpecConfig(drafter="none"), enforce_eager=True, **kw).generate(prompts, params)
     separate = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), **kw)
     separate.generate(prompts, params)
-    monkeypatch.setattr(flashinfer_attention, "FUSED_SCORES_MIN_BATCH", 1)
-    fused = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), **kw)
-    _same_or_near_tie(reference, prompts, plain, fused.generate(prompts, params), "specattn on the fused kernel vs plain")
-    assert any(p.fused is not None for p in fused.runner.backend._graph_plans.values())
-    rates = [e.stats().spec.acceptance_rate for e in (separate, fused)]
-    assert abs(rates[0] - rates[1]) < 0.05, f"acceptance with the separate score kernel {rates[0]:.2f}, fused {rates[1]:.2f}"
+    monkeypatch.setattr(flashinfer_attention, "TRITON_ATTENTION_MIN_BATCH", 1)
+    plain_triton_engine = make_engine(spec=SpecConfig(drafter="none"), **kw)
+    plain_triton = plain_triton_engine.generate(prompts, params)
+    _same_or_near_tie(reference, prompts, plain, plain_triton, "none on our kernel vs on FlashInfer")
+    assert all(p.triton is not None for p in plain_triton_engine.runner.backend._graph_plans.values())
+    spec = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), **kw)
+    _same_or_near_tie(reference, prompts, plain_triton, spec.generate(prompts, params), "specattn vs none, both on our kernel")
+    assert any(p.triton is not None and p.triton.scores is not None for p in spec.runner.backend._graph_plans.values())
+    rates = [e.stats().spec.acceptance_rate for e in (separate, spec)]
+    assert abs(rates[0] - rates[1]) < 0.05, f"acceptance with the separate score kernel {rates[0]:.2f}, on our kernel {rates[1]:.2f}"
 
 
 def test_gpu_answers_the_capital_question(make_engine, smollm_files):
