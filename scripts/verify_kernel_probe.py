@@ -8,8 +8,9 @@ One layer of the default model (9 query heads, 3 KV heads, head_dim 64, bf16, pa
          `verification_scores_paged` on FlashInfer's LSE (scores); the same at q_len 1 (a plain decode)
   time   (triton do_bench median, µs per layer) FlashInfer verify; FlashInfer verify + score kernel; ours without
          scores; ours with scores + gather; FlashInfer decode and ours at q_len 1; each as % of copy bandwidth
-The first shape sweeps our kernel's launch parameters (BLOCK_N × warps × stages) and the rest use the best.
-Usage (GPU machine, repo importable as `specattn`): python3 scripts/verify_kernel_probe.py [--shapes 128x8192 ...]
+The first shape sweeps our kernel's launch parameters (BLOCK_N × warps × stages) and the rest use the best
+(--no-sweep: its defaults everywhere).
+Usage (GPU machine, repo importable as `specattn`): python3 scripts/verify_kernel_probe.py [--shapes 128x8192 ...] [--no-sweep]
 Prints a table; exit 1 if a check fails.
 """
 
@@ -73,6 +74,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["128x8192", "256x8192", "128x4096", "64x8192"])
+    ap.add_argument("--no-sweep", action="store_true", help="time our kernel at its default launch parameters only")
     args = ap.parse_args()
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
@@ -131,7 +133,9 @@ def main() -> int:
             variants = [("ours", False)] + ([("ours+scores", True)] if scoring else [])
             for name, with_scores in variants:
                 key = f"{name} q{q_len}"
-                if n == 0:
+                if args.no_sweep:
+                    best[key] = {}
+                elif n == 0:
                     sweep = {}
                     for bn, nw, st in itertools.product((64, 128), (2, 4, 8), (2, 3)):
                         cfg = dict(block_n=bn, num_warps=nw, num_stages=st)
