@@ -11,13 +11,13 @@ gathering K/V: FlashInfer reads the paged cache in place. A step is planned as o
 Steps whose sequences all have one query (decode, draft) or all the same few queries (verification, or a
 prefill tail of that length), up to the largest batch bucket, run from fixed buffers per shape, padded
 with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.
-Full-attention graph shapes (decode, verify) of at least TRITON_ATTENTION_MIN_BATCH sequences run our Triton
-kernel (`kernels.verify_attention`) instead of FlashInfer: at those batches it reads the cache faster, and when
+Full-attention graph shapes (decode, verify) whose batch gives our Triton kernel (`kernels.verify_attention`)
+TRITON_PROGRAMS_PER_SM programs per SM run it instead of FlashInfer: there it reads the cache faster, and when
 the step scores it keeps the two scored rows' weights per cache slot in the same pass over K (SpecAttn's scores
 need only q·K of two rows per sequence), gathered into scores after the forward. Decode and verification use it
-at the same batches, so a verified row is computed exactly as plain decoding computes it. Smaller shapes (too few
-programs to fill the GPU without splitting the context) and eager steps run FlashInfer, keep the scored rows'
-queries and log-sum-exps per layer, and one Triton launch over all layers re-reads K for the scores.
+at the same batches. Other shapes (too few programs to fill the GPU without splitting the context, or enough for
+a tail wave) and eager steps run FlashInfer, keep the scored rows' queries and log-sum-exps per layer, and one
+Triton launch over all layers re-reads K for the scores.
 Every host-to-device copy of a plan is non-blocking (a pageable source is staged at once, so it may be
 freed): a blocking copy would make the host wait for all queued GPU work, e.g. for the draft chain
 before it could plan the verification that follows it.
@@ -41,9 +41,10 @@ from .kv_cache import KVCache, token_slots
 
 _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-# Full-attention graph shapes of at least this batch run our Triton kernel (one program per sequence and KV head:
-# below it the GPU is not full without splitting the context). Measured on the H200: docs/perf-notes.md entry 28.
-TRITON_ATTENTION_MIN_BATCH = 96
+# Full-attention graph shapes run our Triton kernel where its programs (one per sequence and KV head) number this
+# many per SM: fewer leave SMs idle (it does not split the context), more run in an uneven second wave. On the H200
+# (132 SMs, 3 KV heads: batches 96 and 128) it beat FlashInfer there and lost outside (docs/perf-notes.md entry 28).
+TRITON_PROGRAMS_PER_SM = (2.0, 3.0)
 
 
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
@@ -123,7 +124,7 @@ class FlashInferAttentionBackend:
         max_draft_recent: int,
         needs_scores: bool,
         graphs: bool,
-        triton_min_batch: int | None = None,
+        triton_programs_per_sm: tuple[float, float] | None = None,
     ):
         import flashinfer  # CUDA installs only (the `gpu` extra)
 
@@ -144,7 +145,8 @@ class FlashInferAttentionBackend:
         self._max_draft_selected = max_draft_selected
         self._max_draft_recent = max_draft_recent
         self._needs_scores = needs_scores  # whether graph shapes keep score rows (only SpecAttn uses them)
-        self._triton_min_batch = TRITON_ATTENTION_MIN_BATCH if triton_min_batch is None else triton_min_batch
+        self._triton_programs_per_sm = triton_programs_per_sm or TRITON_PROGRAMS_PER_SM
+        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._slot_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # logits scratch, per-slot weights
         self._graph_plans: dict[GraphShape, _Plan | _DraftPlan] = {}
         self._shared_score_rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -189,7 +191,8 @@ class FlashInferAttentionBackend:
         indptr, indices, last_len = torch.zeros(b + 1, **i32), torch.zeros(capacity, **i32), torch.ones(b, **i32)
         slot_mapping = torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev)
         scoring = self._needs_scores and shape.kind != "decode"
-        if b >= self._triton_min_batch:
+        low, high = self._triton_programs_per_sm
+        if low <= b * self.num_kv_heads / self._num_sms <= high:
             scores = None
             if scoring:
                 logits, per_slot = self._slot_score_buffers()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B of our Triton attention kernel (kernels/verify_attention.py) in the offline benchmark, in one run: the engine
-# as shipped (our kernel for graph shapes of batch >= TRITON_ATTENTION_MIN_BATCH, scores kept in its pass), then
+# as shipped (our kernel for graph shapes at TRITON_PROGRAMS_PER_SM, scores kept in its pass), then
 # with FlashInfer + the separate score kernel at every batch, then as shipped again, so machine drift shows.
 # Usage (GPU machine, after gpu_bench.sh's setup): bash scripts/triton_attention_ab.sh <out dir> <offline benchmark args...>
 set -uo pipefail
@@ -11,12 +11,12 @@ mkdir -p /tmp/pkg/specattn
 for d in engine kernels server loadtest; do ln -sfn "$PWD/$d" "/tmp/pkg/specattn/$d"; done
 export PYTHONPATH=/tmp/pkg:$PWD:$PYTHONPATH
 for run in triton flashinfer triton-again; do
-  min=$([ "$run" = flashinfer ] && echo 1000000 || echo default)
+  off=$([ "$run" = flashinfer ] && echo 1 || echo 0)
   python3 - --docs .bench-docs/*.txt --out "$out/ab-$run" "$@" 2>"$out/ab-$run.stderr" <<PY
 import runpy, sys
 import specattn.engine.flashinfer_attention as fa
-if "$min" != "default":
-    fa.TRITON_ATTENTION_MIN_BATCH = int("$min")
+if $off:
+    fa.TRITON_PROGRAMS_PER_SM = (0, -1)
 sys.argv[0] = "offline"
 runpy.run_module("specattn.loadtest.offline", run_name="__main__")
 PY

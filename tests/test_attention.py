@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -147,12 +148,12 @@ def _gpu_cache(page_size: int = 16) -> KVCache:
     return make_cache(page_size, torch.bfloat16, "cuda", num_pages=4096, heads=9, kv_heads=3, dim=64)
 
 
-def _flashinfer(cache: KVCache, graphs: bool, triton_min_batch: int | None = None):
+def _flashinfer(cache: KVCache, graphs: bool, triton_programs_per_sm: tuple[float, float] | None = None):
     from specattn.engine.flashinfer_attention import FlashInferAttentionBackend
 
     return FlashInferAttentionBackend(
         cache, 64**-0.5, 9, max_batch=8, max_query_len=5, max_draft_selected=1000, max_draft_recent=40,
-        needs_scores=True, graphs=graphs, triton_min_batch=triton_min_batch,
+        needs_scores=True, graphs=graphs, triton_programs_per_sm=triton_programs_per_sm,
     )
 
 
@@ -175,14 +176,14 @@ def test_gpu_flashinfer_matches_dense(kinds, graphs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "kinds,scored,triton_min",
-    [([(3000, 5), (40, 1), (600, 3), (0, 50)], {0: (0, 4), 2: (0, 2), 3: (49,)}, None),  # eager prefill path
-     ([(3000, 5), (40, 5), (600, 5), (77, 5)], {0: (0, 4), 1: (0, 4), 3: (0, 4)}, None),  # a verify graph shape
-     ([(3000, 5), (40, 5), (600, 5), (77, 5)], {0: (0, 4), 1: (3, 3), 3: (0, 4)}, 1),  # ... on our kernel
-     ([(3000, 1), (40, 1), (600, 1)], {0: (0,), 2: (0,)}, 1)],  # a scored decode on our kernel
+    "kinds,scored,triton_everywhere",
+    [([(3000, 5), (40, 1), (600, 3), (0, 50)], {0: (0, 4), 2: (0, 2), 3: (49,)}, False),  # eager prefill path
+     ([(3000, 5), (40, 5), (600, 5), (77, 5)], {0: (0, 4), 1: (0, 4), 3: (0, 4)}, False),  # a verify graph shape
+     ([(3000, 5), (40, 5), (600, 5), (77, 5)], {0: (0, 4), 1: (3, 3), 3: (0, 4)}, True),  # ... on our kernel
+     ([(3000, 1), (40, 1), (600, 1)], {0: (0,), 2: (0,)}, True)],  # a scored decode on our kernel
     ids=["mixed", "verify", "verify-triton", "scored-decode-triton"],
 )
-def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored, triton_min):
+def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored, triton_everywhere):
     """Verification through FlashInfer + the score kernel, or through our kernel that keeps them in its pass, extracts the torch backend's
     scores, and maps positions to the same slots."""
     cache = _gpu_cache()
@@ -192,7 +193,7 @@ def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored, trit
         s.score_rows, s.score_len = rows, s.start_pos + rows[0] + 1
     positions = torch.randint(0, 40, (LAYERS, len(scored), 20), device="cuda")
     results = []
-    flashinfer = _flashinfer(cache, graphs=True, triton_min_batch=triton_min)
+    flashinfer = _flashinfer(cache, graphs=True, triton_programs_per_sm=(0, math.inf) if triton_everywhere else None)
     for backend in (TorchAttentionBackend(cache, 64**-0.5), flashinfer):
         run_and_compare(backend, sc, atol=3e-2, rtol=3e-2)
         scores = backend.take_scores()
@@ -201,7 +202,7 @@ def test_gpu_flashinfer_scores_and_slots_equal_torch_backend(kinds, scored, trit
     assert got.seqs == ref.seqs == sorted(scored) and got.lengths == ref.lengths
     torch.testing.assert_close(got.scores, ref.scores.float(), atol=2e-4, rtol=3e-2)
     assert torch.equal(got_slots, ref_slots)
-    assert (flashinfer._plan.triton is not None) == (triton_min is not None)
+    assert (flashinfer._plan.triton is not None) == triton_everywhere
 
 
 @pytest.mark.gpu
