@@ -10,13 +10,15 @@ bucket (powers of two). Speculation costs a fixed part (the verification's extra
 selection, a sync) plus a part per draft, so t(γ) = t(0) + c + γ·d for γ ≥ 1: an unmeasured γ is
 read off the line through the measured ones (with only one measured, c is taken as 0, which makes
 shorter drafts look cheaper than they are, so they get tried and measured rather than written off).
-Acceptance is a decayed count per position. Plain decoding is measured first, then γ_max once;
+Acceptance is a decayed count per position. Plain decoding is measured first (twice), then γ_max (twice where it could pay);
 while plain decoding wins, the most promising γ is probed now and then (only if speculation could
 win with every draft accepted; after 32 steps, then twice as long after each probe plain decoding
 still wins, up to 1024) so that a change in the text's predictability is noticed.
 A γ's first measurement can carry one-off costs (e.g. the first speculative step after many plain ones
-drafts eagerly, from an old selection): the second replaces it if lower, and while a shorter γ wins,
-γ_max is chosen again every 64 steps, so one slow step cannot make a shorter γ win for good.
+drafts eagerly, from an old selection; the first step at a new batch size allocates): the second replaces
+it if lower — for plain decoding and γ_max it comes right away, as a 128-token request may be done in 40
+steps — and while a shorter γ wins, γ_max is chosen again every 64 steps, so one slow step cannot make a
+shorter γ win for good.
 """
 
 from __future__ import annotations
@@ -73,10 +75,15 @@ class GammaController:
         if self.max_gamma == 0:
             return 0
         times = self._step_time.setdefault(_bucket(batch_size), {})
-        if 0 not in times:
+        samples = self._samples.get(_bucket(batch_size), Counter())
+        # plain decoding, then γ_max, each timed twice before anything is read off them: the first step of a
+        # bucket can carry one-off costs (allocations at a new size), and a run may be over before a remeasure.
+        # (γ_max's second time only where speculation could pay at all, were every draft accepted.)
+        if samples[0] < 2:
             return 0
-        if not any(g > 0 for g in times):
-            return self.max_gamma
+        top = self.max_gamma
+        if samples[top] == 0 or (samples[top] == 1 and (top + 1) / times[top] > 1 / times[0]):
+            return top
         cost = self._step_cost(times)
         rates = {g: self.expected_tokens(g) / cost(g) for g in range(1, self.max_gamma + 1)}
         best = max(rates, key=rates.get)

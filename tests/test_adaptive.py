@@ -78,6 +78,17 @@ def test_one_slow_first_step_does_not_rule_out_the_best_gamma():
     assert ctl.histogram.most_common(1)[0][0] == MAX_GAMMA, ctl.histogram
 
 
+def test_one_slow_first_step_does_not_cost_a_short_run_the_best_gamma():
+    """A run of 40 steps (128 tokens at ~3.5 per step) whose first γ_max step is 1.6× as slow: γ_max is timed a
+    second time right away, so the run is not spent on a shorter γ waiting 64 steps for a remeasure."""
+
+    def cost(gamma: int) -> float:
+        return 1.0 + (0.5 + 0.1 * gamma if gamma else 0.0)
+
+    _, ctl = _simulate(cost, 0.9, steps=40, first_step_factor=1.6)
+    assert ctl.histogram[MAX_GAMMA] >= 30, ctl.histogram
+
+
 def test_untimed_steps_do_not_pull_the_choice_to_gamma_max():
     """Steps with prefill work are not timed: re-measuring γ_max must still happen once per 64 steps, not every step."""
 
