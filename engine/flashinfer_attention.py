@@ -47,6 +47,12 @@ GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 TRITON_PROGRAMS_PER_SM = (2.0, 3.0)
 
 
+def runs_triton_attention(batch: int, kv_heads: int, num_sms: int, programs_per_sm: tuple[float, float] = TRITON_PROGRAMS_PER_SM) -> bool:
+    """Whether a full-attention graph shape of this batch runs our Triton kernel rather than FlashInfer."""
+    low, high = programs_per_sm
+    return low <= batch * kv_heads / num_sms <= high
+
+
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(values, dtype=np.int32))
     return t if device is None else t.to(device, non_blocking=True)
@@ -191,8 +197,7 @@ class FlashInferAttentionBackend:
         indptr, indices, last_len = torch.zeros(b + 1, **i32), torch.zeros(capacity, **i32), torch.ones(b, **i32)
         slot_mapping = torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev)
         scoring = self._needs_scores and shape.kind != "decode"
-        low, high = self._triton_programs_per_sm
-        if low <= b * self.num_kv_heads / self._num_sms <= high:
+        if runs_triton_attention(b, self.num_kv_heads, self._num_sms, self._triton_programs_per_sm):
             scores = None
             if scoring:
                 logits, per_slot = self._slot_score_buffers()

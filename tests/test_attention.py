@@ -212,3 +212,14 @@ def test_gpu_draft_chain_matches_dense(graphs):
     cache = _gpu_cache()
     sc = build_scenario(cache, [(2000, 4, "sparse"), (40, 4, "sparse"), (700, 4, "sparse")], torch.Generator().manual_seed(13), heads=9)
     run_chain_and_compare(_flashinfer(cache, graphs), sc, 4, atol=3e-2, rtol=3e-2)
+
+
+def test_our_attention_kernel_runs_where_it_has_two_to_three_programs_per_sm():
+    """The graph batches on our Triton kernel: on the H200 (132 SMs) with the default model's 3 KV heads, 96 and
+    128, where it measured faster than FlashInfer (docs/perf-notes.md entry 28); with 8 KV heads, 48."""
+    pytest.importorskip("triton")
+    from specattn.engine.flashinfer_attention import GRAPH_BATCHES, runs_triton_attention
+
+    assert [b for b in GRAPH_BATCHES if runs_triton_attention(b, 3, 132)] == [96, 128]
+    assert [b for b in GRAPH_BATCHES if runs_triton_attention(b, 8, 132)] == [48]
+    assert not any(runs_triton_attention(b, 3, 132, (0, -1)) for b in GRAPH_BATCHES)  # the A/B script's "off"
