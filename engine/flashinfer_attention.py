@@ -11,7 +11,7 @@ gathering K/V: FlashInfer reads the paged cache in place. A step is planned as o
 Steps whose sequences all have one query (decode, draft) or all the same few queries (verification, or a
 prefill tail of that length), up to the largest batch bucket, run from fixed buffers per shape, padded
 with sequences on the cache's scratch page, so the runner can capture and replay them as CUDA graphs.
-Full-attention graph shapes (decode, verify) whose batch gives our Triton kernel (`kernels.verify_attention`)
+Full-attention graph shapes (decode, verify) whose every batch gives our Triton kernel (`kernels.verify_attention`)
 TRITON_PROGRAMS_PER_SM programs per SM run it instead of FlashInfer: there it reads the cache faster, and when
 the step scores it keeps the two scored rows' weights per cache slot in the same pass over K (SpecAttn's scores
 need only q·K of two rows per sequence), gathered into scores after the forward. Decode and verification use it
@@ -43,14 +43,19 @@ _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a t
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 # Full-attention graph shapes run our Triton kernel where its programs (one per sequence and KV head) number this
 # many per SM: fewer leave SMs idle (it does not split the context), more run in an uneven second wave. On the H200
-# (132 SMs, 3 KV heads: batches 96 and 128) it beat FlashInfer there and lost outside (docs/perf-notes.md entry 28).
+# (132 SMs, 3 KV heads) it beat FlashInfer at batches 96 and 128, for decode and for verification with scores, and
+# lost to it for decode at ≤ 64 and ≥ 192 (docs/perf-notes.md entry 28); the engine uses it for the bucket of 128.
 TRITON_PROGRAMS_PER_SM = (2.0, 3.0)
 
 
-def runs_triton_attention(batch: int, kv_heads: int, num_sms: int, programs_per_sm: tuple[float, float] = TRITON_PROGRAMS_PER_SM) -> bool:
-    """Whether a full-attention graph shape of this batch runs our Triton kernel rather than FlashInfer."""
+def runs_triton_attention(
+    smallest: int, largest: int, kv_heads: int, num_sms: int, programs_per_sm: tuple[float, float] = TRITON_PROGRAMS_PER_SM
+) -> bool:
+    """Whether a full-attention graph bucket holding batches smallest … largest runs our Triton kernel rather than
+    FlashInfer: only if every batch it holds gives the kernel programs per SM inside the window (padding
+    sequences cost nothing, so a bucket of 96 holding 65 sequences would run at 1.5 per SM)."""
     low, high = programs_per_sm
-    return low <= batch * kv_heads / num_sms <= high
+    return low <= smallest * kv_heads / num_sms and largest * kv_heads / num_sms <= high
 
 
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
@@ -197,7 +202,8 @@ class FlashInferAttentionBackend:
         indptr, indices, last_len = torch.zeros(b + 1, **i32), torch.zeros(capacity, **i32), torch.ones(b, **i32)
         slot_mapping = torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev)
         scoring = self._needs_scores and shape.kind != "decode"
-        if runs_triton_attention(b, self.num_kv_heads, self._num_sms, self._triton_programs_per_sm):
+        smallest = 1 + max((g for g in self.graph_batches if g < b), default=0)
+        if runs_triton_attention(smallest, b, self.num_kv_heads, self._num_sms, self._triton_programs_per_sm):
             scores = None
             if scoring:
                 logits, per_slot = self._slot_score_buffers()

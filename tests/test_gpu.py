@@ -113,10 +113,11 @@ def test_gpu_triton_attention_matches_plain_decoding(make_engine, smollm_files, 
     plain_triton_engine = make_engine(spec=SpecConfig(drafter="none"), **kw)
     plain_triton = plain_triton_engine.generate(prompts, params)
     _same_or_near_tie(reference, prompts, plain, plain_triton, "none on our kernel vs on FlashInfer")
-    assert all(p.triton is not None for p in plain_triton_engine.runner.backend._graph_plans.values())
+    assert all(p.triton is not None for p in plain_triton_engine.runner.backend._graph_plans.values())  # decode shapes only
     spec = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), **kw)
     _same_or_near_tie(reference, prompts, plain_triton, spec.generate(prompts, params), "specattn vs none, both on our kernel")
-    assert any(p.triton is not None and p.triton.scores is not None for p in spec.runner.backend._graph_plans.values())
+    assert any(getattr(p, "triton", None) is not None and p.triton.scores is not None
+               for p in spec.runner.backend._graph_plans.values())
     rates = [e.stats().spec.acceptance_rate for e in (separate, spec)]
     assert abs(rates[0] - rates[1]) < 0.05, f"acceptance with the separate score kernel {rates[0]:.2f}, on our kernel {rates[1]:.2f}"
 

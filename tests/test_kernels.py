@@ -252,8 +252,12 @@ def test_streaming_selection_is_sinks_plus_the_window_before_the_anchor():
     assert torch.equal(sel.positions[0], sel.positions[1])
 
 
-def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int], score_lens: list[int], seed: int, **blocks):
-    """A paged cache of shuffled pages, q_len queries per sequence at its last positions, some sequences scored.
+def _verify_case(
+    device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int], score_lens: list[int], rows: list[tuple[int, int]],
+    seed: int, **blocks,
+):
+    """A paged cache of shuffled pages, q_len queries per sequence at its last positions, some sequences scored on
+    the given pair of query rows over positions [0, score_len).
 
     Returns the kernel's output and per-position scores (via gather_slot_scores) and the references'."""
     from specattn.kernels.scores import gather_slot_scores
@@ -269,7 +273,6 @@ def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int]
     v_cache = torch.randn(num_slots, kv_heads, d, generator=g).to(dtype)
     qkv = torch.randn(len(kv_lens) * q_len, heads + 2 * kv_heads, d, generator=g).to(dtype)
     q = qkv[:, :heads]  # a strided view, as the model passes it
-    rows = [sorted(torch.randint(0, q_len, (2,), generator=g).tolist()) for _ in kv_lens]
     out_ref, score_ref = [], torch.full((1, len(kv_lens), max(kv_lens)), -1.0)
     for s, (n, table, n_scored) in enumerate(zip(kv_lens, tables, score_lens)):
         pos = torch.arange(n)
@@ -278,7 +281,7 @@ def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int]
         out_ref.append(verification_attention(qs, k_cache[slots], v_cache[slots], d**-0.5))
         row_pos = torch.tensor([n - q_len + r for r in rows[s]])
         mask = pos[None, :] <= row_pos[:, None]
-        weights = verification_scores(qs[rows[s]].float()[None], k_cache[slots].float()[None], mask[None], d**-0.5)[0]
+        weights = verification_scores(qs[list(rows[s])].float()[None], k_cache[slots].float()[None], mask[None], d**-0.5)[0]
         score_ref[0, s, :n_scored] = weights[:n_scored]
     i32 = dict(dtype=torch.int32, device=device)
     indptr = torch.tensor([0, *itertools.accumulate(pages)], **i32)
@@ -301,13 +304,17 @@ def _verify_case(device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int]
 
 
 @pytest.mark.parametrize(
-    "q_len,kv_lens,score_lens,blocks",
-    [(5, [37, 130, 5, 64], [33, 126, 0, 60], {}), (1, [1, 90, 17], [0, 90, 17], dict(block_n=16, weight_block=32))],
+    "q_len,kv_lens,score_lens,rows,blocks",
+    [
+        # a row scored twice; scored spans past the first row (its causal limit applies); an unscored sequence
+        (5, [37, 130, 5, 64], [37, 126, 0, 64], [(0, 4), (2, 2), (4, 4), (1, 3)], {}),
+        (1, [1, 90, 17], [0, 90, 17], [(0, 0)] * 3, dict(block_n=16, weight_block=32)),
+    ],
 )
-def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens, blocks):
+def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens, rows, blocks):
     """Verification (and decode) attention over shuffled pages equals SDPA; the weights it keeps on the way equal
     the reference scores of the two scored rows, over each scored span and -1 past it."""
-    out, out_ref, scores, score_ref = _verify_case("cpu", torch.float32, q_len, kv_lens, score_lens, seed=q_len, **blocks)
+    out, out_ref, scores, score_ref = _verify_case("cpu", torch.float32, q_len, kv_lens, score_lens, rows, seed=q_len, **blocks)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, score_ref, atol=1e-6, rtol=1e-4)
 
@@ -315,6 +322,7 @@ def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens, bl
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_triton_verify_attention_equals_reference(dtype):
-    out, out_ref, scores, score_ref = _verify_case("cuda", dtype, 5, [8192, 4096 + 3, 300, 77], [8188, 4094, 0, 73], seed=11)
+    out, out_ref, scores, score_ref = _verify_case(
+        "cuda", dtype, 5, [8192, 4096 + 3, 300, 77], [8188, 4094, 0, 73], [(0, 4), (2, 2), (4, 4), (0, 4)], seed=11)
     torch.testing.assert_close(out.float(), out_ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(scores, score_ref, atol=2e-4, rtol=2e-2)
