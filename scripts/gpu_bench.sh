@@ -10,12 +10,7 @@
 # Usage: bash scripts/gpu_bench.sh <out dir> <stage> [<stage> ...]
 set -uo pipefail
 out=${1:?out dir}; shift
-source /opt/specattn-dev/env.sh
-export SPECATTN_CACHE_DIR=/tmp/specattn-cache
-# the repo's folders as the package specattn, without installing anything
-mkdir -p /tmp/pkg/specattn
-for d in engine kernels server loadtest; do ln -sfn "$PWD/$d" "/tmp/pkg/specattn/$d"; done
-export PYTHONPATH=/tmp/pkg:$PWD:$PYTHONPATH
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 

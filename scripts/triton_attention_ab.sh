@@ -5,11 +5,7 @@
 # Usage (GPU machine, after gpu_bench.sh's setup): bash scripts/triton_attention_ab.sh <out dir> <offline benchmark args...>
 set -uo pipefail
 out=${1:?out dir}; shift
-source /opt/specattn-dev/env.sh
-export SPECATTN_CACHE_DIR=/tmp/specattn-cache
-mkdir -p /tmp/pkg/specattn
-for d in engine kernels server loadtest; do ln -sfn "$PWD/$d" "/tmp/pkg/specattn/$d"; done
-export PYTHONPATH=/tmp/pkg:$PWD:$PYTHONPATH
+source scripts/gpu_env.sh
 for run in triton flashinfer triton-again; do
   off=$([ "$run" = flashinfer ] && echo 1 || echo 0)
   python3 - --docs .bench-docs/*.txt --out "$out/ab-$run" "$@" 2>"$out/ab-$run.stderr" <<PY

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from specattn.engine.config import SpecConfig
+from specattn.engine.engine import LLMEngine
 from specattn.engine.runner import SequenceInput
 from specattn.engine.sampling import SamplingParams
 
@@ -66,14 +68,32 @@ def _same_or_near_tie(reference, prompts, expected, got, label: str) -> int:
     return identical
 
 
-def test_gpu_flashinfer_speculation_matches_plain_decoding(make_engine, smollm_files):
-    """bf16 on FlashInfer with CUDA graphs: each request equals plain decoding (eager and graphed), or first differs at a near-tie."""
+@dataclass
+class _Documents:
+    """The chat prompts and four long documentation prompts, greedy, with what the tests compare against."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    reference: LLMEngine  # float32 on torch attention: judges near-ties
+    plain: list  # eager plain decoding's outputs on FlashInfer
+
+
+FLASHINFER = dict(device="cuda", num_pages=2048, attention="flashinfer")
+
+
+@pytest.fixture(scope="module")
+def documents(make_engine, smollm_files) -> _Documents:
     tok = smollm_files.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS] + _long_prompts(tok, [3000, 1500, 6000, 800])
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-    kw = dict(device="cuda", num_pages=2048, attention="flashinfer")
     reference = make_engine(device="cuda", num_pages=2048, dtype=torch.float32, attention="torch")
-    plain = make_engine(spec=SpecConfig(drafter="none"), enforce_eager=True, **kw).generate(prompts, params)
+    plain = make_engine(spec=SpecConfig(drafter="none"), enforce_eager=True, **FLASHINFER).generate(prompts, params)
+    return _Documents(prompts, params, reference, plain)
+
+
+def test_gpu_flashinfer_speculation_matches_plain_decoding(make_engine, documents):
+    """bf16 on FlashInfer with CUDA graphs: each request equals plain decoding (eager and graphed), or first differs at a near-tie."""
+    prompts, params, reference, plain, kw = documents.prompts, documents.params, documents.reference, documents.plain, FLASHINFER
     graphed = make_engine(spec=SpecConfig(drafter="none"), **kw)
     _same_or_near_tie(reference, prompts, plain, graphed.generate(prompts, params), "none, CUDA graphs vs eager")
     assert {s.kind for s in graphed.runner.graph_shapes} == {"decode"}
@@ -95,18 +115,13 @@ def test_gpu_flashinfer_speculation_matches_plain_decoding(make_engine, smollm_f
     _same_or_near_tie(reference, prompts, plain, adaptive.generate(prompts, params), "adaptive specattn vs plain")
 
 
-def test_gpu_triton_attention_matches_plain_decoding(make_engine, smollm_files, monkeypatch):
+def test_gpu_triton_attention_matches_plain_decoding(make_engine, documents, monkeypatch):
     """Our Triton attention kernel (forced at every batch size) for plain decoding and for SpecAttn's verification,
     which keeps the scores in its pass: plain decoding's tokens, and the acceptance of FlashInfer + the separate
     score kernel (the same scores select the same tokens)."""
     from specattn.engine import flashinfer_attention
 
-    tok = smollm_files.tokenizer
-    prompts = [tok.encode(p) for p in PROMPTS] + _long_prompts(tok, [3000, 1500, 6000, 800])
-    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-    kw = dict(device="cuda", num_pages=2048, attention="flashinfer")
-    reference = make_engine(device="cuda", num_pages=2048, dtype=torch.float32, attention="torch")
-    plain = make_engine(spec=SpecConfig(drafter="none"), enforce_eager=True, **kw).generate(prompts, params)
+    prompts, params, reference, plain, kw = documents.prompts, documents.params, documents.reference, documents.plain, FLASHINFER
     separate = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), **kw)
     separate.generate(prompts, params)
     monkeypatch.setattr(flashinfer_attention, "TRITON_PROGRAMS_PER_SM", (0, math.inf))
