@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from specattn.kernels.paging import paged_slots
+
 # Padded length of the query-row tile: 2 rows × the query heads of one KV head; tl.dot needs ≥ 16.
 _MIN_ROW_TILE = 16
 
@@ -53,8 +55,7 @@ def _verification_scores_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     length = tl.load(lengths_ptr + seq)
     n_valid = offs_n < length
-    page = tl.load(page_indices_ptr + tl.load(page_start_ptr + seq) + offs_n // PAGE_SIZE, mask=n_valid, other=0)
-    slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+    slot = paged_slots(page_indices_ptr, tl.load(page_start_ptr + seq), offs_n, n_valid, PAGE_SIZE)
 
     # tile row r: scored row r // GROUP, query head (kv_head * GROUP + r % GROUP)
     offs_r = tl.arange(0, ROW_TILE)
@@ -141,8 +142,7 @@ def _gather_slot_scores_kernel(
     layer = tl.program_id(2).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < tl.load(lengths_ptr + seq)
-    page = tl.load(page_indices_ptr + tl.load(page_start_ptr + seq) + offs_n // PAGE_SIZE, mask=n_valid, other=0)
-    slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+    slot = paged_slots(page_indices_ptr, tl.load(page_start_ptr + seq), offs_n, n_valid, PAGE_SIZE)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for g in tl.static_range(KV_HEADS):
         total += tl.load(slot_scores_ptr + (layer * KV_HEADS + g) * num_slots + slot, mask=n_valid, other=0.0)

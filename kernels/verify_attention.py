@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from specattn.kernels.paging import paged_slots
+
 # tl.dot needs tiles of at least 16 rows
 _MIN_ROW_TILE = 16
 
@@ -107,8 +109,7 @@ def _verify_attention_kernel(
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_len
-        page = tl.load(page_indices_ptr + page_start + offs_n // PAGE_SIZE, mask=n_valid, other=0)
-        slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        slot = paged_slots(page_indices_ptr, page_start, offs_n, n_valid, PAGE_SIZE)
         k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
                     mask=n_valid[:, None], other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -148,8 +149,7 @@ def _verify_attention_kernel(
         for start in range(0, score_len, WEIGHT_BLOCK):
             offs_n = start + tl.arange(0, WEIGHT_BLOCK)
             n_valid = offs_n < score_len
-            page = tl.load(page_indices_ptr + page_start + offs_n // PAGE_SIZE, mask=n_valid, other=0)
-            slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+            slot = paged_slots(page_indices_ptr, page_start, offs_n, n_valid, PAGE_SIZE)
             # past a row's own position the stored logit is the attention tile's -inf: no causal mask needed here
             s_logits = tl.load(weight_rows[:, None] + slot[None, :], mask=w_valid[:, None] & n_valid[None, :],
                                other=float("-inf"))
