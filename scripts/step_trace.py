@@ -1,0 +1,85 @@
+"""Wall time of every engine step of one offline run, per variant: where a variant's time goes step by step
+(e.g. whether adaptive's plain steps cost what `none`'s do, and what its speculative probes cost).
+
+Usage (GPU machine, after `source scripts/gpu_env.sh`):
+    python3 scripts/step_trace.py --docs .bench-docs/*.txt --context 8192 --batch 1 --variants none,adaptive,specattn
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from specattn.engine.engine import LLMEngine
+from specattn.engine.loader import load_model_files
+from specattn.engine.sampling import SamplingParams
+from specattn.loadtest.documents import load_documents
+from specattn.loadtest.offline import build_prompts, parse_variant
+
+
+def trace(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[tuple[int, float, int]]:
+    """(γ, seconds, tokens) of each step after every request had its first token."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"t{i}", p, params)
+    started: set[str] = set()
+    steps = []
+    while engine.has_unfinished_requests():
+        in_flight = engine._in_flight
+        t = time.perf_counter()
+        outs = engine.step()
+        seconds = time.perf_counter() - t
+        decoding = len(started) == len(prompts)
+        started.update(o.request_id for o in outs if o.new_token_ids)
+        if decoding and in_flight is not None:
+            steps.append((in_flight.gamma, seconds, sum(len(o.new_token_ids) for o in outs)))
+    if engine.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--docs", nargs="+", required=True)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--variants", type=lambda s: s.split(","), default=["none", "adaptive", "specattn"])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    files = load_model_files(None)
+    prompts = build_prompts(files, "summarize", load_documents(args.docs), args.context, args.batch, args.max_tokens)
+    pages = -(-(args.context + args.max_tokens + 32) // 16) * args.batch + 64
+    for name in args.variants:
+        spec = parse_variant(name, SpecConfig())
+        engine = LLMEngine(EngineConfig(device=args.device, spec=spec, cache=CacheConfig(num_pages=pages),
+                                        scheduler=SchedulerConfig(max_num_seqs=args.batch,
+                                                                  max_num_batched_tokens=args.batch * (args.context + 64))), files)
+        trace(engine, [q[:256] for q in prompts], 24)  # warm-up, as the offline benchmark does
+        for r in range(args.repeats):
+            engine.reset_stats()
+            steps = trace(engine, prompts, args.max_tokens)
+            total = sum(s for _, s, _ in steps)
+            tokens = sum(n for _, _, n in steps)
+            by_gamma = defaultdict(list)
+            for g, s, n in steps:
+                by_gamma[g].append((s, n))
+            per_gamma = "; ".join(
+                f"γ={g}: {len(v)} steps, median {statistics.median(s for s, _ in v) * 1e3:.2f} ms, "
+                f"{sum(n for _, n in v) / len(v):.2f} tok/step"
+                for g, v in sorted(by_gamma.items())
+            )
+            slowest = sorted(range(len(steps)), key=lambda i: -steps[i][1])[:6]
+            print(f"{name} run {r}: {len(steps)} steps {total * 1e3:.1f} ms {tokens / total:.1f} tok/s | {per_gamma} | slowest "
+                  + ", ".join(f"#{i} γ={steps[i][0]} {steps[i][1] * 1e3:.1f}ms" for i in slowest), flush=True)
+        del engine
+
+
+if __name__ == "__main__":
+    main()
