@@ -25,7 +25,7 @@ before it could plan the verification that follows it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -207,7 +207,8 @@ class FlashInferAttentionBackend:
             scores = None
             if scoring:
                 logits, per_slot = self._slot_score_buffers()
-                scores = SlotScores(torch.zeros(b, 2, **i32), torch.zeros(b, **i32), logits, per_slot)
+                lse = torch.zeros(b, self.num_kv_heads, logits.shape[1], device=dev)
+                scores = SlotScores(torch.zeros(b, 2, **i32), torch.zeros(b, **i32), logits, lse, per_slot)
             triton = _TritonInputs(q, torch.full((b,), q, **i32), scores)
             plan = _Plan(wrapper=None, slot_mapping=slot_mapping, indices=indices, indptr=indptr, triton=triton)
         else:
@@ -401,7 +402,7 @@ class FlashInferAttentionBackend:
             )
         if plan.triton is not None:
             t = plan.triton
-            scores = None if t.scores is None else SlotScores(t.scores.rows, t.scores.lengths, t.scores.logits, t.scores.out[layer])
+            scores = None if t.scores is None else replace(t.scores, out=t.scores.out[layer])
             return verify_attention(q, k_cache, v_cache, plan.indptr, plan.indices, t.kv_lens, t.query_len,
                                     self.cache.page_size, self.scale, scores=scores)
         q = q.contiguous()

@@ -2,13 +2,16 @@
 
 Each sequence's last `q_len` tokens attend causally to its paged cache (a verification of γ drafts, or
 a decode when q_len is 1). When a sequence is scored, the same program also keeps its two scored rows'
-attention weights: it stores their logits while it streams K for the attention, and once the pass has
-its log-sum-exp it turns them into weights, summed over the rows and the query heads of its KV head,
-per cache slot. That replaces the separate score kernel's second read of K (384 bytes per position and
-layer) with a write and a read of six floats per KV head (2 rows × 3 query heads for the default model). One program per (sequence, KV head) and no split of the
-context: it needs two to three programs per SM, where it reads the cache faster than FlashInfer (on the
-H200, 88 % of copy bandwidth at 128 × 8k against 78–81 %); with fewer the GPU is not full, with more the
-second wave runs uneven, and the engine runs FlashInfer there (`engine/flashinfer_attention.py`).
+logits per cache slot while it streams K for the attention, and at the end their log-sum-exps; a second,
+small kernel then turns them into weights, summed over the rows and the query heads of each KV head, per
+cache slot. That replaces the separate score kernel's second read of K (384 bytes per position and layer)
+with a write and a read of six floats per KV head (2 rows × 3 query heads for the default model). The
+weights are a kernel of their own because inside the attention program the read-back ran after its pass
+over K, serially, at one program per (sequence, KV head); on its own it spreads over the positions too.
+One attention program per (sequence, KV head) and no split of the context: it needs two to three programs
+per SM, where it reads the cache faster than FlashInfer (on the H200, 88 % of copy bandwidth at 128 × 8k
+against 78–81 %); with fewer the GPU is not full, with more the second wave runs uneven, and the engine
+runs FlashInfer there (`engine/flashinfer_attention.py`).
 
 The torch functions of the same math are `kernels.reference.verification_attention` and
 `kernels.reference.verification_scores`; tests compare them.
@@ -35,13 +38,15 @@ class SlotScores:
 
     rows: [S, 2] int32 query index (0 … q_len − 1) of each sequence's two scored rows;
     lengths: [S] int32 scored positions [0, length) (0: the sequence is not scored);
-    logits: [kv_heads, 2 · group, slots] float32 scratch; out: [kv_heads, slots] float32, the sum of the
-    scored rows' weights over the query heads of each KV head, written at the scored positions' slots.
+    logits: [kv_heads, 2 · group, slots] float32 scratch; lse: [S, kv_heads, 2 · group] float32 scratch (each
+    stored row's base-2 log-sum-exp); out: [kv_heads, slots] float32, the sum of the scored rows' weights over
+    the query heads of each KV head, written at the scored positions' slots.
     """
 
     rows: torch.Tensor
     lengths: torch.Tensor
     logits: torch.Tensor
+    lse: torch.Tensor
     out: torch.Tensor
 
 
@@ -57,7 +62,7 @@ def _verify_attention_kernel(
     score_rows_ptr,  # [S, 2] int32 (SCORING)
     score_lens_ptr,  # [S] int32 (SCORING)
     logits_ptr,  # [kv_heads, 2 · GROUP, num_slots] float32 (SCORING)
-    slot_scores_ptr,  # [kv_heads, num_slots] float32 (SCORING)
+    lse_ptr,  # [S, kv_heads, 2 · GROUP] float32 (SCORING)
     num_slots,
     stride_qt,
     stride_qh,
@@ -73,7 +78,6 @@ def _verify_attention_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WEIGHT_ROWS: tl.constexpr,
-    WEIGHT_BLOCK: tl.constexpr,
     SCORING: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -132,29 +136,55 @@ def _verify_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=r_valid[:, None])
 
     if SCORING:
-        # the stored logits are read back by other threads of this program
-        tl.debug_barrier()
-        # a tile of WEIGHT_ROWS rows (no tl.dot here, so no padding to 16): row w is head w % GROUP of the
-        # first (w < GROUP) or second scored query; read in wide blocks, as this loop only loads and adds
+        # each stored row's log-sum-exp, picked out of the attention tile's rows: stored row w is head w % GROUP of
+        # the first (w < GROUP) or second scored query (a row scored twice: stored once, its second copy unused)
         offs_w = tl.arange(0, WEIGHT_ROWS)
-        w_valid = offs_w < 2 * GROUP
-        w_second = offs_w >= GROUP
-        w_query = tl.where(w_second, second, first)
-        weight_rows = logits_ptr + (kv_head * 2 * GROUP + tl.where(w_second & (first != second), GROUP, 0)
-                                    + offs_w % GROUP).to(tl.int64) * num_slots
-        # each weight row's log-sum-exp, picked out of the attention tile's rows
+        w_query = tl.where(offs_w >= GROUP, second, first)
         lse = m + tl.log2(denom)
         source = w_query * GROUP + offs_w % GROUP
         w_lse = tl.sum(tl.where(offs_r[None, :] == source[:, None], lse[None, :], 0.0), axis=1)
-        for start in range(0, score_len, WEIGHT_BLOCK):
-            offs_n = start + tl.arange(0, WEIGHT_BLOCK)
-            n_valid = offs_n < score_len
-            slot = paged_slots(page_indices_ptr, page_start, offs_n, n_valid, PAGE_SIZE)
-            # past a row's own position the stored logit is the attention tile's -inf: no causal mask needed here
-            s_logits = tl.load(weight_rows[:, None] + slot[None, :], mask=w_valid[:, None] & n_valid[None, :],
-                               other=float("-inf"))
-            weights = tl.sum(tl.exp2(s_logits - w_lse[:, None]), axis=0)
-            tl.store(slot_scores_ptr + kv_head.to(tl.int64) * num_slots + slot, weights, mask=n_valid)
+        tl.store(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + offs_w, w_lse,
+                 mask=offs_w < 2 * GROUP)
+
+
+@triton.jit(do_not_specialize=["num_slots"])
+def _slot_weights_kernel(
+    page_indptr_ptr,
+    page_indices_ptr,
+    score_rows_ptr,  # [S, 2] int32
+    score_lens_ptr,  # [S] int32
+    logits_ptr,  # [kv_heads, 2 · GROUP, num_slots] float32, as the attention kernel stored them
+    lse_ptr,  # [S, kv_heads, 2 · GROUP] float32
+    slot_scores_ptr,  # [kv_heads, num_slots] float32
+    num_slots,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    WEIGHT_ROWS: tl.constexpr,
+    WEIGHT_BLOCK: tl.constexpr,
+):
+    """Program (sequence, KV head, chunk) sums the stored rows' weights over blocks chunk, chunk + chunks, … of the scored span."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    chunk = tl.program_id(2)
+    score_len = tl.load(score_lens_ptr + seq)
+    page_start = tl.load(page_indptr_ptr + seq)
+    first = tl.load(score_rows_ptr + seq * 2)
+    second = tl.load(score_rows_ptr + seq * 2 + 1)
+    offs_w = tl.arange(0, WEIGHT_ROWS)
+    # a row scored twice was stored once (the first query's rows): read those twice, as its weights count twice
+    w_valid = offs_w < 2 * GROUP
+    w_row = tl.where((offs_w >= GROUP) & (first != second), GROUP, 0) + offs_w % GROUP
+    weight_rows = logits_ptr + (kv_head * 2 * GROUP + w_row).to(tl.int64) * num_slots
+    w_lse = tl.load(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + offs_w, mask=w_valid, other=0.0)
+    for start in range(chunk * WEIGHT_BLOCK, score_len, tl.num_programs(2) * WEIGHT_BLOCK):
+        offs_n = start + tl.arange(0, WEIGHT_BLOCK)
+        n_valid = offs_n < score_len
+        slot = paged_slots(page_indices_ptr, page_start, offs_n, n_valid, PAGE_SIZE)
+        # past a row's own position the stored logit is the attention tile's -inf: no causal mask needed here
+        s_logits = tl.load(weight_rows[:, None] + slot[None, :], mask=w_valid[:, None] & n_valid[None, :],
+                           other=float("-inf"))
+        weights = tl.sum(tl.exp2(s_logits - w_lse[:, None]), axis=0)
+        tl.store(slot_scores_ptr + kv_head.to(tl.int64) * num_slots + slot, weights, mask=n_valid)
 
 
 def verify_attention(
@@ -172,12 +202,14 @@ def verify_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     weight_block: int = 512,
+    weight_chunks: int = 8,
 ) -> torch.Tensor:
     """Causal attention of each sequence's last q_len positions over positions [0, kv_lens[s]) of its pages.
 
     q: [S · q_len, heads, d] (sequence s's queries at rows s · q_len …); k_cache, v_cache: [slots, kv_heads, d];
     page_indptr: [S + 1], page_indices: int32 pages in position order; kv_lens: [S] int32 (≥ q_len).
-    scores: where the scored rows' weights go (see SlotScores). Returns [S · q_len, heads, d] in q's dtype.
+    scores: where the scored rows' weights go (see SlotScores); weight_chunks: programs per (sequence, KV head)
+    that turn them into weights. Returns [S · q_len, heads, d] in q's dtype.
     """
     tokens, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -191,8 +223,9 @@ def verify_attention(
     if scores is not None:
         assert scores.logits.shape[:2] == (kv_heads, 2 * group) and scores.out.shape[0] == kv_heads
         assert scores.logits.shape[2] == scores.out.shape[1] == k_cache.shape[0] and scores.out.is_contiguous()
-        assert scores.logits.is_contiguous() and scores.rows.is_contiguous()
-        args = (scores.rows, scores.lengths, scores.logits, scores.out)
+        assert scores.logits.is_contiguous() and scores.rows.is_contiguous() and scores.lse.is_contiguous()
+        assert scores.lse.shape[0] >= num_seqs and scores.lse.shape[1:] == (kv_heads, 2 * group)
+        args = (scores.rows, scores.lengths, scores.logits, scores.lse)
     else:
         args = (kv_lens, kv_lens, out, out)  # never read: SCORING is off
     _verify_attention_kernel[(num_seqs, kv_heads)](
@@ -202,8 +235,13 @@ def verify_attention(
         Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim,
         ROW_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(q_len * group)),
         PAGE_SIZE=page_size, BLOCK_N=block_n, SCORING=scores is not None,
-        WEIGHT_ROWS=triton.next_power_of_2(2 * group), WEIGHT_BLOCK=weight_block,
+        WEIGHT_ROWS=triton.next_power_of_2(2 * group),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
+    if scores is not None:
+        _slot_weights_kernel[(num_seqs, kv_heads, weight_chunks)](
+            page_indptr, page_indices, scores.rows, scores.lengths, scores.logits, scores.lse, scores.out, k_cache.shape[0],
+            GROUP=group, PAGE_SIZE=page_size, WEIGHT_ROWS=triton.next_power_of_2(2 * group), WEIGHT_BLOCK=weight_block,
+        )
     return out

@@ -17,6 +17,7 @@ Prints a table; exit 1 if a check fails.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 
@@ -66,6 +67,7 @@ class Shape:
     def slot_scores(self) -> SlotScores:
         return SlotScores(self.rows, self.score_lens,
                           torch.empty(KV_HEADS, 2 * HEADS // KV_HEADS, self.num_slots, device="cuda"),
+                          torch.empty(len(self.kv_lens), KV_HEADS, 2 * HEADS // KV_HEADS, device="cuda"),
                           torch.empty(1, KV_HEADS, self.num_slots, device="cuda"))
 
 
@@ -94,7 +96,7 @@ def main() -> int:
             scoring = q_len > 1
             sc = s.slot_scores() if scoring else None
             ours = verify_attention(s.q, s.k, s.v, s.indptr, s.indices, s.kv, q_len, PAGE, SCALE,
-                                    scores=SlotScores(sc.rows, sc.lengths, sc.logits, sc.out[0]) if sc else None)
+                                    scores=dataclasses.replace(sc, out=sc.out[0]) if sc else None)
             err = ((ours.float() - fi_out.float()).abs().max() / fi_out.float().abs().max()).item()
             good = err < 2e-2
             line = f"{spec} q_len={q_len}: output vs FlashInfer max rel err {err:.2e}"
@@ -126,7 +128,7 @@ def main() -> int:
                 timings["gather"] = t_ga
 
             def ours_us(cfg: dict, with_scores: bool) -> float:
-                kw = dict(scores=SlotScores(sc.rows, sc.lengths, sc.logits, sc.out[0])) if with_scores else {}
+                kw = dict(scores=dataclasses.replace(sc, out=sc.out[0])) if with_scores else {}
                 return bench_us(lambda: verify_attention(s.q, s.k, s.v, s.indptr, s.indices, s.kv, q_len, PAGE, SCALE,
                                                          **kw, **cfg))
 
@@ -156,7 +158,7 @@ def main() -> int:
                 timings[name] = ours_us(best[key], with_scores)
             if scoring:
                 # the scoring math without its stores and second pass: every sequence unscored
-                unscored = SlotScores(sc.rows, torch.zeros_like(sc.lengths), sc.logits, sc.out[0])
+                unscored = dataclasses.replace(sc, lengths=torch.zeros_like(sc.lengths), out=sc.out[0])
                 timings["ours+scores, none scored"] = bench_us(lambda: verify_attention(
                     s.q, s.k, s.v, s.indptr, s.indices, s.kv, q_len, PAGE, SCALE, scores=unscored,
                     **best.get(f"ours+scores q{q_len}", {})))

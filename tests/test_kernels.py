@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -290,11 +291,12 @@ def _verify_case(
         rows=torch.tensor(rows, **i32),
         lengths=torch.tensor(score_lens, **i32),
         logits=torch.full((kv_heads, 6, num_slots), float("nan"), device=device),
+        lse=torch.full((len(kv_lens), kv_heads, 6), float("nan"), device=device),
         out=torch.full((1, kv_heads, num_slots), float("nan"), device=device),
     )
     kv = torch.tensor(kv_lens, **i32)
     out = verify_attention(q.to(device), k_cache.to(device), v_cache.to(device), indptr, indices, kv, q_len, ps, d**-0.5,
-                           scores=SlotScores(slot_scores.rows, slot_scores.lengths, slot_scores.logits, slot_scores.out[0]),
+                           scores=dataclasses.replace(slot_scores, out=slot_scores.out[0]),
                            **blocks)
     scored = [s for s, n in enumerate(score_lens) if n]
     gathered = torch.full((1, len(scored), max(score_lens)), float("nan"), device=device)
@@ -308,7 +310,8 @@ def _verify_case(
     [
         # a row scored twice; scored spans past the first row (its causal limit applies); an unscored sequence
         (5, [37, 130, 5, 64], [37, 126, 0, 64], [(0, 4), (2, 2), (4, 4), (1, 3)], {}),
-        (1, [1, 90, 17], [0, 90, 17], [(0, 0)] * 3, dict(block_n=16, weight_block=32)),
+        # weights in blocks of 32 shared by 2 programs per (sequence, KV head): blocks 0, 2, … and 1, 3, …
+        (1, [1, 90, 17], [0, 90, 17], [(0, 0)] * 3, dict(block_n=16, weight_block=32, weight_chunks=2)),
     ],
 )
 def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens, rows, blocks):
