@@ -78,6 +78,8 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # prefill chunk budget per step, shared with decodes
+    # queue a plain decode step's successor before reading its tokens (they stay on the device): no GPU idle between
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

@@ -28,6 +28,9 @@ from .stopping import OutputTracker
 # A selection this many positions old is renewed by the request's next plain step (which then scores its
 # query): drafts after long stretches of plain decoding stay current and within the graphs' recent slots.
 _REFRESH_AFTER = 32
+# An output token a step launched ahead takes from the device: it stands in the request's output ids from that launch
+# until the step before is accepted (token ids are never negative)
+_ON_DEVICE = -1
 
 
 @dataclass
@@ -53,7 +56,7 @@ class _LaunchedStep:
     result: StepResult
     new_drafts: list[tuple[Request, DraftState]]  # selections queued behind the forward, for requests that refresh
     timed_decodes: int  # a pure decode step that captured no graph: its batch size (its wall time feeds the γ controller)
-    started: float
+    started: float  # when the device could start it: its launch, or for a step launched ahead the step before's end
 
 
 class LLMEngine:
@@ -196,23 +199,65 @@ class LLMEngine:
         The next step's scheduling, drafts and forward are queued before this step's text is made, so the GPU
         runs while the host detokenizes and builds outputs (SGLang's overlap schedule). The state it is planned
         from is whole: finishes, accepted tokens and new selections are settled first (a stop string, which needs
-        the text, is checked then too). A request aborted while its step is in flight is skipped when accepted."""
+        the text, is checked then too). A request aborted while its step is in flight is skipped when accepted.
+
+        After a plain decode step (every request one new token, greedy) the next step is known but for those tokens,
+        which are on the device: it is queued before this step is even read (vLLM's async scheduling), so the GPU
+        does not wait for the host between the two. A request this step finishes wastes its row of the next."""
         launched = self._in_flight or self._launch()
         self._in_flight = None
         if launched is None:
             return []
-        committed = self._accept(launched)
+        ahead = self._launch_ahead(launched) if self.config.scheduler.async_scheduling else None
+        committed = self._accept(launched, ahead)
         del launched  # its logits (every row, float32) need not stay alive next to the next step's
-        self._in_flight = self._launch()
+        self._in_flight = ahead or self._launch()
         return [self._emit(tracker, new_ids) for tracker, new_ids in committed]
 
-    def _launch(self) -> _LaunchedStep | None:
+    def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
+        """Queue the step after `launched` before its tokens are read, if it is a plain decode step whose next step
+        the scheduler would plan the same way: each request that can go on decodes its one new token (taken from the
+        device), nobody waits to be admitted, the pages are there without preempting, the batch fits the budget."""
+        chunks, sched = launched.chunks, self.scheduler
+        if launched.gamma or not all(c.num_tokens == 1 and c.completes_sequence for c in chunks):
+            return None
+        if not all(c.request.params.greedy for c in chunks):
+            return None  # a sampled token is chosen on the host
+        if sched.waiting and len(sched.running) < sched.config.max_num_seqs:
+            return None  # the scheduler would admit a request: a prefill chunk needs the host's view of the step
+        # requests the length limits end with this token (or aborted) have no next step; EOS and stop ids are not
+        # known yet: those requests get a next step that is dropped when it is accepted
+        going_on = [
+            (i, c) for i, c in enumerate(chunks)
+            if not c.request.finished and len(c.request.output_ids) + 1 < c.request.params.max_tokens
+            and c.request.num_tokens + 1 < c.request.max_total_tokens
+        ]
+        lookahead = self.config.spec.max_gamma if self.drafter is not None else 0
+        if not going_on or len(going_on) * (1 + lookahead) > sched.config.max_num_batched_tokens:
+            return None
+        need = sum(self.cache.allocator.pages_needed(c.request.page_table, c.start + 2 + lookahead) for _, c in going_on)
+        if need > self.cache.allocator.num_free:
+            return None
+        for _, c in going_on:
+            self.cache.allocator.grow(c.request.page_table, c.start + 2 + lookahead)
+            c.request.output_ids.append(_ON_DEVICE)
+        # the selections `launched` renews are what the next step's drafts read (device work queued before them)
+        for req, state in launched.new_drafts:
+            if not req.finished:
+                req.draft = state
+        tokens = launched.result.argmax[_to_device([i for i, _ in going_on], launched.result.argmax.device)]
+        return self._launch([ScheduledChunk(c.request, c.start + 1, 1) for _, c in going_on], tokens)
+
+    def _launch(self, chunks: list[ScheduledChunk] | None = None, on_device: torch.Tensor | None = None) -> _LaunchedStep | None:
         """Schedule a step and queue it on the device: draft ×γ for decoding requests, then one verification/prefill
         forward, then the new selections. Nothing here waits for the device (except drafts of sampling requests,
-        chosen on the host)."""
+        chosen on the host).
+
+        chunks, on_device: a step launched ahead: one-token decodes whose tokens are on the device, in that order."""
         started, graphs_before = time.perf_counter(), len(self.runner.graph_shapes)
         drafting = self.drafter is not None
-        chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
+        if chunks is None:
+            chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
         if not chunks:
             return None
         # requests whose drafts would run past the context decode plainly this step (RoPE ends there)
@@ -222,15 +267,23 @@ class LLMEngine:
             if c.num_tokens == 1 and c.completes_sequence and c.request.draft is not None and c.start < room
         ]
         gamma = self.gamma_controller.choose(len(decodes)) if decodes else 0
-        # the drafts stay on the device: the verification reads them there, queued right behind the draft chain
-        drafts = self._draft(decodes, gamma) if gamma else None
         drafted = {c.request.request_id: j for j, c in enumerate(decodes)} if gamma else {}
+        # a step launched ahead: every chunk's token is on the device, row i of on_device (drafts start from theirs)
+        draft_rows = [drafted.get(c.request.request_id) for c in chunks]
+        first = None
+        if on_device is not None and gamma:
+            first = on_device[_to_device([i for i, j in enumerate(draft_rows) if j is not None], on_device.device)]
+        # the drafts stay on the device: the verification reads them there, queued right behind the draft chain
+        drafts = self._draft(decodes, gamma, first) if gamma else None
 
         seqs, refreshed = [], []
         for i, c in enumerate(chunks):
             req = c.request
-            num_drafted = gamma if req.request_id in drafted else 0
-            tokens = req.token_slice(c.start, c.start + c.num_tokens) + [0] * num_drafted
+            num_drafted = gamma if draft_rows[i] is not None else 0
+            if on_device is not None:
+                tokens = [0] * (1 + num_drafted)
+            else:
+                tokens = req.token_slice(c.start, c.start + c.num_tokens) + [0] * num_drafted
             # a new selection after prefill and after each speculative verification; plain (γ = 0)
             # steps keep the old one (every later position counts as recent) until it is stale
             stale = req.draft is not None and c.start - req.draft.anchor >= _REFRESH_AFTER
@@ -247,27 +300,31 @@ class LLMEngine:
                     # SpecAttn scores the verification's first and last rows over [0, anchor]
                     score_rows=(c.num_tokens - 1, len(tokens) - 1) if scored else (),
                     score_len=c.start + c.num_tokens if scored else 0,
-                    num_drafted=num_drafted,
+                    num_on_device=num_drafted + (on_device is not None),
                 )
             )
-        result = self.runner.run(seqs, drafts)
+        result = self.runner.run(seqs, _placeholder_tokens(on_device, drafts, draft_rows), drafts)
         # the new selections queue on the device behind the score extraction while the host accepts tokens
         new_drafts = self._new_draft_states(refreshed, result.scores)
         # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
         timed = bool(decodes) and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before
         return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started)
 
-    def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int]]]:
+    def _accept(self, launched: _LaunchedStep, ahead: _LaunchedStep | None) -> list[tuple[OutputTracker, list[int]]]:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
         output ids, finishes (finished requests leave the scheduler), new selections. Returns, per request that
-        got tokens, its tracker and the new ids."""
+        got tokens, its tracker and the new ids. ahead: the step launched behind this one before it was read."""
         argmax_rows, draft_rows = launched.result.read_tokens()
+        if ahead is not None:
+            ahead.started = time.perf_counter()  # the device is on it from here
         committed, dropped = [], False
         for chunk, seq, logits, argmax in zip(launched.chunks, launched.seqs, launched.result.logits, argmax_rows):
             req = chunk.request
-            if req.finished:  # aborted while the step was in flight
+            if req.finished:  # aborted (or, launched ahead, finished by the step before) while the step was in flight
                 dropped = True
                 continue
+            if req.output_ids and req.output_ids[-1] == _ON_DEVICE:
+                req.output_ids.pop()  # the step launched ahead took this step's token from the device: here it is
             req.num_computed = chunk.start + chunk.num_tokens
             if not chunk.completes_sequence:
                 continue
@@ -313,9 +370,9 @@ class LLMEngine:
         budgets = selection.budgets
         return [(req, DraftState(anchor, slots[:, j, : budgets[j]])) for j, (_, req, anchor) in enumerate(refreshed)]
 
-    def _draft(self, chunks: list[ScheduledChunk], gamma: int) -> torch.Tensor:
+    def _draft(self, chunks: list[ScheduledChunk], gamma: int, first: torch.Tensor | None) -> torch.Tensor:
         """γ chained sparse forwards for all decoding requests at once; each sees only its draft positions.
-        The draft tokens [chunks, γ], on the model's device."""
+        The draft tokens [chunks, γ], on the model's device. first: the chunks' tokens on the device (launched ahead)."""
         seqs = [
             SequenceInput(
                 c.request.token_slice(c.start, c.start + 1), c.start, c.request.page_table, 1,
@@ -333,7 +390,7 @@ class LLMEngine:
             ]
 
         greedy = all(c.request.params.greedy for c in chunks)
-        return self.runner.run_drafts(seqs, gamma, None if greedy else choose)
+        return self.runner.run_drafts(seqs, gamma, None if greedy else choose, first)
 
     def reset_stats(self) -> None:
         """Forget speculation statistics, preemption count and the γ controller's measurements (benchmarks call this after a warm-up)."""
@@ -384,3 +441,22 @@ class LLMEngine:
             for out in self.step():
                 results[out.request_id].extend(out.new_token_ids)
         return [results[rid] for rid in ids]
+
+
+def _placeholder_tokens(
+    on_device: torch.Tensor | None, drafts: torch.Tensor | None, draft_rows: list[int | None]
+) -> torch.Tensor | None:
+    """A step's device tokens for its placeholders, flat in sequence order: each sequence's own token if the step was
+    launched ahead (on_device[i]), then its drafts if it drafted (row draft_rows[i] of drafts)."""
+    if on_device is None or drafts is None:
+        return drafts if on_device is None else on_device
+    rows = [i for i, j in enumerate(draft_rows) if j is not None]
+    table = torch.zeros(len(draft_rows), 1 + drafts.shape[1], dtype=drafts.dtype, device=drafts.device)
+    table[:, 0] = on_device
+    table[_to_device(rows, drafts.device), 1:] = drafts[_to_device([draft_rows[i] for i in rows], drafts.device)]
+    return table[_to_device([[True] + [j is not None] * drafts.shape[1] for j in draft_rows], drafts.device)]
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    # without waiting: a blocking copy would wait for the step in flight, which a step launched ahead must not
+    return torch.tensor(values).to(device, non_blocking=True)

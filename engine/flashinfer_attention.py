@@ -163,6 +163,7 @@ class FlashInferAttentionBackend:
         self._shared_score_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._shared_draft_slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._staging = _PinnedStaging(self.device)
+        self._planned: torch.cuda.Event | None = None  # after the last FlashInfer plan's copy out of its pinned buffer
         self._plan: _Plan | _DraftPlan | None = None
         self._scored: list[int] = []
         self._score_args: tuple[torch.Tensor, ...] = ()
@@ -262,8 +263,8 @@ class FlashInferAttentionBackend:
                 plan.rows.copy_(torch.tensor([i * q + r for i, pair in enumerate(rows) for r in pair]), non_blocking=True)
             if plan.wrapper is not None:
                 # indices handed over on the device: FlashInfer copies host indices blocking (waiting for the draft chain)
-                plan.wrapper.plan(torch.from_numpy(indptr), self._staging.to_device(page_ids), last_len,
-                                  *dims, q_len_per_req=q, **self._kernel_args())
+                self._flashinfer_plan(plan.wrapper, torch.from_numpy(indptr), self._staging.to_device(page_ids), last_len,
+                                      *dims, q_len_per_req=q, **self._kernel_args())
             self._scored_index = (None if self._scored == list(range(len(self._scored)))
                                   else torch.tensor(self._scored).to(self.device, non_blocking=True))
         else:
@@ -273,11 +274,11 @@ class FlashInferAttentionBackend:
                          slot_mapping.to(self.device, non_blocking=True),
                          dev_indices, _int32(indptr, self.device))
             if kind == "decode":
-                self._decode.plan(torch.from_numpy(indptr), dev_indices, last_len, *dims, **self._kernel_args())
+                self._flashinfer_plan(self._decode, torch.from_numpy(indptr), dev_indices, last_len, *dims, **self._kernel_args())
             else:
                 qo_indptr = _int32(starts)
-                self._prefill.plan(qo_indptr, torch.from_numpy(indptr), dev_indices, last_len, *dims, causal=True,
-                                   **self._kernel_args())
+                self._flashinfer_plan(self._prefill, qo_indptr, torch.from_numpy(indptr), dev_indices, last_len, *dims,
+                                      causal=True, **self._kernel_args())
             if self._scored:
                 rows = [int(starts[i]) + r for i in self._scored for r in seqs[i].scored_pair]
                 plan.rows = torch.tensor(rows).to(self.device, non_blocking=True)
@@ -296,6 +297,15 @@ class FlashInferAttentionBackend:
                 _int32(self._score_lengths, self.device),
             )
         return shape
+
+    def _flashinfer_plan(self, wrapper: Any, *args, **kwargs) -> None:
+        """wrapper.plan(), once the plan before it has left its pinned host buffer: FlashInfer writes a plan there and
+        copies it to the device asynchronously, so with a step launched ahead the next plan could overwrite it first."""
+        if self._planned is not None:
+            self._planned.synchronize()
+        wrapper.plan(*args, **kwargs)
+        self._planned = torch.cuda.Event()
+        self._planned.record()
 
     def _fill_triton(self, plan: _Plan, seqs: list[SequenceAttention], pad: int, indptr: np.ndarray, page_ids: np.ndarray) -> None:
         """Our kernel's inputs for this step: pages, lengths, and which rows of which sequences are scored."""

@@ -22,16 +22,18 @@ class SequenceInput:
     sparse: SparseKV | None = None  # a draft: the cache slots its one token (and the drafts after it) attend to
     score_rows: tuple[int, ...] = ()  # rows (indices into token_ids) whose attention weights to return
     score_len: int = 0  # ... over cache positions [0, score_len)
-    # the last num_drafted token_ids are placeholders for draft tokens still on the device: run() takes them from
-    # its `drafts` rows (one row per such sequence, in order), so a verification needs no host round-trip
-    num_drafted: int = 0
+    # the last num_on_device token_ids are placeholders for tokens still on the device (drafts, and the previous
+    # step's token when that step's result is not read yet): run() takes them from its `on_device` rows (one row
+    # per such sequence, in order), so neither a verification nor a step launched ahead needs a host round-trip
+    num_on_device: int = 0
 
 
 @dataclass
 class StepResult:
     logits: list[torch.Tensor]  # per sequence: [num_logits, vocab]
     scores: ScoreBatch | None  # attention scores of the sequences that asked (device work queued behind the forward)
-    greedy: torch.Tensor  # host copy of every logits row's argmax, complete once `ready` has passed
+    argmax: torch.Tensor  # every logits row's argmax, on the device (a step launched ahead reads its tokens here)
+    greedy: torch.Tensor  # host copy of `argmax`, complete once `ready` has passed
     drafts: torch.Tensor | None  # host copy of the drafts run() filled in, likewise
     sizes: list[int]  # logits rows per sequence
     ready: torch.cuda.Event | None  # recorded after the forward and the two copies (None on the CPU: already done)
@@ -78,26 +80,35 @@ class ModelRunner:
         # CUDA graphs, their memory pool and Triton launch on the thread's current device, which need not be ours
         return torch.cuda.device(self.model.device) if self.model.device.type == "cuda" else contextlib.nullcontext()
 
-    def run(self, seqs: list[SequenceInput], drafts: torch.Tensor | None = None) -> StepResult:
+    def run(
+        self, seqs: list[SequenceInput], on_device: torch.Tensor | None = None, drafts: torch.Tensor | None = None
+    ) -> StepResult:
         """Write every sequence's new K/V into the cache; return the logits (and scores) each sequence asked for.
 
-        drafts: [sequences with num_drafted > 0, num_drafted] device tokens for their placeholders (from run_drafts).
+        on_device: [sequences with num_on_device > 0, num_on_device] device tokens for their placeholders;
+        drafts: the draft tokens among them (from run_drafts), copied to the host for acceptance.
         """
         with self._on_device():
-            return self._run(seqs, drafts)
+            return self._run(seqs, on_device, drafts)
 
-    def run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> torch.Tensor:
+    def run_drafts(
+        self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None, first: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`num_drafts` chained draft forwards (each sequence one token, sparse): draft j's input is draft j−1's token.
         Returns the tokens [sequences, num_drafts] on the model's device.
 
         choose None: greedy, the chain stays on the device (γ replays of one CUDA graph when the batch fits one)
         and nothing waits for it: the verification queues behind it; otherwise choose(j, logits) picks each draft's tokens on the host.
+        first: [sequences] device tokens for the first draft's inputs in place of the sequences' token_ids (greedy only).
         """
         with self._on_device():
-            return self._run_drafts(seqs, num_drafts, choose)
+            return self._run_drafts(seqs, num_drafts, choose, first)
 
-    def _run_drafts(self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None) -> torch.Tensor:
+    def _run_drafts(
+        self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None, first: torch.Tensor | None
+    ) -> torch.Tensor:
         assert all(s.sparse is not None and len(s.token_ids) == 1 for s in seqs)
+        assert first is None or choose is None, "first tokens on the device are for greedy chains"
         shape = self._plan(seqs)
         dev, n = self.model.device, len(seqs)
         ids = [s.token_ids[0] for s in seqs]
@@ -107,10 +118,10 @@ class ModelRunner:
             ids, positions = ids + [0] * pad, positions + [0] * pad
         if choose is None:
             if shape is None:
-                tokens = self._draft_chain(torch.tensor(ids).to(dev, non_blocking=True),
-                                           torch.tensor(positions).to(dev, non_blocking=True), num_drafts)
+                input_ids = first if first is not None else torch.tensor(ids).to(dev, non_blocking=True)
+                tokens = self._draft_chain(input_ids, torch.tensor(positions).to(dev, non_blocking=True), num_drafts)
             else:
-                tokens = self._replay_chain(shape, seqs, ids, positions, num_drafts)
+                tokens = self._replay_chain(shape, seqs, ids, positions, num_drafts, first)
             return tokens[:n]
         drafts: list[list[int]] = [[] for _ in seqs]
         for j in range(num_drafts):
@@ -124,13 +135,15 @@ class ModelRunner:
         return torch.tensor(drafts).to(dev, non_blocking=True)
 
     def _replay_chain(
-        self, shape: GraphShape, seqs: list[SequenceInput], ids: list[int], positions: list[int], num_drafts: int
+        self, shape: GraphShape, seqs: list[SequenceInput], ids: list[int], positions: list[int], num_drafts: int,
+        first: torch.Tensor | None,
     ) -> torch.Tensor:
         """The draft chain as `num_drafts` replays of one draft forward's graph, each fed the one before's tokens
         on the device. One launch per draft: the GPU starts the first while the host launches the rest (a graph
         of the whole chain kept the GPU idle for its whole launch, ~0.7 ms per draft at 30 layers).
         The tokens land outside the graphs' shared memory pool, which the verification's graph reuses."""
-        step = self._replay(shape, seqs, ids, positions)
+        on_device = None if first is None else (torch.arange(len(first), device=first.device), first)
+        step = self._replay(shape, seqs, ids, positions, on_device)
         tokens = torch.empty(shape.batch, num_drafts, dtype=torch.long, device=self.model.device)
         tokens[:, 0] = step.argmax
         for j in range(1, num_drafts):
@@ -168,19 +181,19 @@ class ModelRunner:
 
     def _replay(
         self, shape: GraphShape, seqs: list[SequenceInput], ids: list[int], positions: list[int],
-        drafts: tuple[torch.Tensor, torch.Tensor] | None = None,
+        on_device: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> _CapturedStep:
         """Run the graph of this planned shape (capturing it if it is new) on these padded inputs
-        (drafts: flat token indices and device tokens to write over placeholder ids)."""
+        (on_device: flat token indices and device tokens to write over placeholder ids)."""
         step = self._graphs.get(shape) or self._capture(shape, ids, positions, seqs)
         step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
-        if drafts is not None:
-            step.input_ids[drafts[0]] = drafts[1]
+        if on_device is not None:
+            step.input_ids[on_device[0]] = on_device[1]
         step.positions.copy_(torch.tensor(positions), non_blocking=True)
         step.graph.replay()
         return step
 
-    def _run(self, seqs: list[SequenceInput], drafts: torch.Tensor | None) -> StepResult:
+    def _run(self, seqs: list[SequenceInput], on_device: torch.Tensor | None, drafts: torch.Tensor | None) -> StepResult:
         shape = self._plan(seqs)
         dev = self.model.device
         ids = [t for s in seqs for t in s.token_ids]
@@ -189,9 +202,9 @@ class ModelRunner:
         for s in seqs:
             end += len(s.token_ids)
             rows.extend(range(end - s.num_logits, end))
-            placeholders.extend(range(end - s.num_drafted, end))
-        assert (drafts is None) == (not placeholders), "draft tokens come with placeholders for them"
-        filled = None if drafts is None else (torch.tensor(placeholders).to(dev, non_blocking=True), drafts.reshape(-1))
+            placeholders.extend(range(end - s.num_on_device, end))
+        assert (on_device is None) == (not placeholders), "tokens on the device come with placeholders for them"
+        filled = None if on_device is None else (torch.tensor(placeholders).to(dev, non_blocking=True), on_device.reshape(-1))
         row_index = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         if shape is None:
             input_ids = torch.tensor(ids).to(dev, non_blocking=True)
@@ -215,7 +228,7 @@ class ModelRunner:
         if dev.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return StepResult(list(logits.split(sizes)), self.backend.take_scores(), greedy_host, drafts_host, sizes, ready)
+        return StepResult(list(logits.split(sizes)), self.backend.take_scores(), greedy, greedy_host, drafts_host, sizes, ready)
 
     def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model.logits(self.model.forward(input_ids, positions, self.backend))

@@ -150,11 +150,12 @@ def main() -> int:
                           ", ".join(f"{c}: {t:.1f}" for c, t in top), flush=True)
                     bn, nw, st = top[0][0]
                     best[key] = dict(block_n=bn, num_warps=nw, num_stages=st)
-                    if with_scores:
-                        wsweep = {wb: ours_us({**best[key], "weight_block": wb}, True) for wb in (256, 512, 1024)}
-                        print(f"  {key} weight_block sweep: {wsweep}", flush=True)
-                        best[key]["weight_block"] = min(wsweep, key=wsweep.get)
                     timings[f"{name} default"] = sweep.get((64, 4, 2), float("nan"))
+                if with_scores and n == 0:
+                    wsweep = {(wb, wc): ours_us({**best[key], "weight_block": wb, "weight_chunks": wc}, True)
+                              for wb, wc in itertools.product((256, 512, 1024), (4, 8, 16))}
+                    print(f"  {key} (weight_block, weight_chunks) sweep: "
+                          + ", ".join(f"{c}: {t:.1f}" for c, t in sorted(wsweep.items(), key=lambda kv: kv[1])), flush=True)
                 timings[name] = ours_us(best[key], with_scores)
             if scoring:
                 # the scoring math without its stores and second pass: every sequence unscored

@@ -23,6 +23,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="read every step's tokens before queueing the next (by default a plain decode step's successor "
+                        "is queued first, its tokens taken on the GPU)")
     p.add_argument("--drafter", choices=DRAFTERS, default=SpecConfig.drafter, help="none = plain decoding")
     p.add_argument("--gamma", type=int, default=SpecConfig.gamma, help="draft tokens per step (the maximum when adaptive)")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false", help="always draft --gamma tokens")
@@ -41,7 +44,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention=args.attention,
         enforce_eager=args.enforce_eager,
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  async_scheduling=args.async_scheduling),
         spec=SpecConfig(
             drafter=args.drafter, gamma=args.gamma, adaptive=args.adaptive,
             budget_ratio=args.budget_ratio, min_budget=args.min_budget,

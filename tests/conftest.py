@@ -26,10 +26,12 @@ def smollm_files() -> ModelFiles:
 def make_engine(smollm_files):
     """Build engines over the shared embedded-model weights with a chosen cache and scheduler."""
 
-    def make(num_pages: int = 512, page_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 512, **kw):
+    def make(num_pages: int = 512, page_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+             async_scheduling: bool = True, **kw):
         cfg = EngineConfig(
             cache=CacheConfig(page_size=page_size, num_pages=num_pages),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      async_scheduling=async_scheduling),
             **kw,
         )
         return LLMEngine(cfg, smollm_files)

@@ -1,0 +1,119 @@
+"""Async scheduling: a plain decode step's successor is queued before its tokens are read (they stay on the device).
+Outputs, finishes and freed pages must be exactly those of the engine that reads every step first."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from specattn.engine.config import SpecConfig
+from specattn.engine.sampling import SamplingParams
+from tests.test_engine import GREEDY, PLAIN, PROMPTS
+
+
+def _count_launches_ahead(engine) -> list[int]:
+    """Spy: per step launched ahead, its number of drafts (the engine's own method does the work)."""
+    launched = []
+    original = engine._launch_ahead
+
+    def spy(step):
+        ahead = original(step)
+        if ahead is not None:
+            launched.append(ahead.gamma)
+        return ahead
+
+    engine._launch_ahead = spy
+    return launched
+
+
+def _run(engine, requests: list[tuple[list[int], SamplingParams]], abort: tuple[int, str] | None = None):
+    """Submit requests over the first steps (one every other step), run to the end; per request its tokens, text and
+    finish reason. abort: (step, request id) to abort after that step."""
+    out = {f"r{i}": ([], [], None) for i in range(len(requests))}
+    pending, step = list(range(len(requests))), 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 2 == 0:
+            i = pending.pop(0)
+            engine.add_request(f"r{i}", *requests[i])
+        outputs = engine.step()
+        if abort is not None and step == abort[0]:
+            assert engine._in_flight is not None, "the abort was meant to land while a step is in flight"
+            outputs.append(engine.abort_request(abort[1]))
+        for o in outputs:
+            ids, text, _ = out[o.request_id]
+            out[o.request_id] = (ids + o.new_token_ids, text + [o.new_text], o.finish_reason)
+        step += 1
+    return [(ids, "".join(text), reason) for ids, text, reason in out.values()]
+
+
+@pytest.fixture(scope="module")
+def requests(make_engine):
+    """Greedy requests that end in every way while others decode: a stop id the model reaches, a stop string,
+    max_tokens of different lengths, EOS after min_tokens."""
+    tok = make_engine(spec=PLAIN).tokenizer
+    ids = [tok.encode(p) for p in PROMPTS]
+    sync = make_engine(spec=PLAIN, async_scheduling=False)
+    free_run = sync.generate(ids[:3], GREEDY)
+    return [
+        (ids[0], replace(GREEDY, stop_token_ids=(free_run[0][6],))),
+        (ids[1], replace(GREEDY, stop_token_ids=(free_run[1][3],), max_tokens=30)),
+        (ids[2], replace(GREEDY, stop=(tok.decode(free_run[2][8:10]),))),
+        (ids[3], replace(GREEDY, max_tokens=5)),
+        (ids[4], replace(GREEDY, max_tokens=17)),
+        (ids[5], replace(GREEDY, ignore_eos=False, min_tokens=3, max_tokens=40)),
+        (ids[6], GREEDY),
+    ]
+
+
+@pytest.fixture(scope="module")
+def sync_outputs(make_engine, requests):
+    return _run(make_engine(spec=PLAIN, async_scheduling=False), requests)
+
+
+def test_plain_decoding_launched_ahead_equals_reading_every_step(make_engine, requests, sync_outputs):
+    engine = make_engine(spec=PLAIN)
+    ahead = _count_launches_ahead(engine)
+    assert _run(engine, requests) == sync_outputs
+    assert len(ahead) > 10, "plain decode steps were meant to be launched ahead"
+    reasons = {reason for _, _, reason in sync_outputs}
+    assert {"stop", "length"} <= reasons, "requests were meant to stop in different ways"
+    assert engine.kv_usage == 0
+
+
+def test_abort_while_a_step_launched_ahead_is_in_flight(make_engine, requests, sync_outputs):
+    engine = make_engine(spec=PLAIN)
+    ahead = _count_launches_ahead(engine)
+    got = _run(engine, requests, abort=(14, "r6"))
+    assert ahead, "steps were meant to be launched ahead"
+    for i, (mine, theirs) in enumerate(zip(got, sync_outputs)):
+        if i == 6:
+            assert mine[2] == "abort" and mine[0] == theirs[0][: len(mine[0])]
+        else:
+            assert mine == theirs
+    assert engine.kv_usage == 0
+
+
+def test_preemption_falls_back_to_reading_the_step(make_engine):
+    """A pool too small for every request: the step after a plain one would need pages it cannot have without
+    preempting, so it is planned after reading; output stays exact and every page comes back."""
+    tok = make_engine(spec=PLAIN).tokenizer
+    requests = [(tok.encode(p), GREEDY) for p in PROMPTS]
+    expected = _run(make_engine(spec=PLAIN, async_scheduling=False), requests)
+    engine = make_engine(num_pages=24, page_size=4, max_num_batched_tokens=64, spec=PLAIN)
+    ahead = _count_launches_ahead(engine)
+    assert _run(engine, requests) == expected
+    assert engine.stats().num_preemptions > 0 and ahead
+    assert engine.kv_usage == 0
+
+
+def test_speculation_launched_ahead_after_plain_steps_stays_lossless(make_engine, requests, sync_outputs):
+    """Adaptive γ alternating plain steps and speculation: a speculative step after a plain one is launched ahead,
+    its first draft's input and its verification's first token taken from the device."""
+    engine = make_engine(spec=SpecConfig(drafter="specattn", gamma=4, adaptive=True, budget_ratio=0.1, min_budget=6))
+    script = iter([0, 0, 4, 0, 2, 3, 0, 0, 1] * 40)
+    engine.gamma_controller.choose = lambda batch_size: next(script)  # a γ schedule that visits every case
+    ahead = _count_launches_ahead(engine)
+    assert _run(engine, requests) == sync_outputs
+    assert any(ahead) and 0 in ahead, "both plain and speculative steps were meant to be launched ahead"
+    assert engine.kv_usage == 0
