@@ -57,6 +57,7 @@ class _LaunchedStep:
     new_drafts: list[tuple[Request, DraftState]]  # selections queued behind the forward, for requests that refresh
     timed_decodes: int  # a pure decode step that captured no graph: its batch size (its wall time feeds the γ controller)
     started: float  # when the device could start it: its launch, or for a step launched ahead the step before's end
+    ahead: bool = False  # launched before the step before it was read
 
 
 class LLMEngine:
@@ -308,15 +309,17 @@ class LLMEngine:
         new_drafts = self._new_draft_states(refreshed, result.scores)
         # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
         timed = bool(decodes) and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before
-        return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started)
+        return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started,
+                             ahead=on_device is not None)
 
     def _accept(self, launched: _LaunchedStep, ahead: _LaunchedStep | None) -> list[tuple[OutputTracker, list[int]]]:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
         output ids, finishes (finished requests leave the scheduler), new selections. Returns, per request that
         got tokens, its tracker and the new ids. ahead: the step launched behind this one before it was read."""
         argmax_rows, draft_rows = launched.result.read_tokens()
+        read_at = time.perf_counter()
         if ahead is not None:
-            ahead.started = time.perf_counter()  # the device is on it from here
+            ahead.started = read_at  # the device is on it from here
         committed, dropped = [], False
         for chunk, seq, logits, argmax in zip(launched.chunks, launched.seqs, launched.result.logits, argmax_rows):
             req = chunk.request
@@ -347,10 +350,11 @@ class LLMEngine:
         for req, state in launched.new_drafts:
             if not req.finished:
                 req.draft = state
-        # a step some of whose requests were aborted may have waited, launched, while the engine idled
+        # a step some of whose requests were aborted may have waited, launched, while the engine idled. A step launched
+        # ahead costs the time between two reads (its accept overlaps the next step); any other, launch to accepted
         if launched.timed_decodes and not dropped:
-            self.gamma_controller.record_step_time(
-                launched.timed_decodes, launched.gamma, time.perf_counter() - launched.started)
+            ended = read_at if launched.ahead else time.perf_counter()
+            self.gamma_controller.record_step_time(launched.timed_decodes, launched.gamma, ended - launched.started)
         return committed
 
     def _emit(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
@@ -450,11 +454,14 @@ def _placeholder_tokens(
     launched ahead (on_device[i]), then its drafts if it drafted (row draft_rows[i] of drafts)."""
     if on_device is None or drafts is None:
         return drafts if on_device is None else on_device
+    gamma = drafts.shape[1]
     rows = [i for i, j in enumerate(draft_rows) if j is not None]
-    table = torch.zeros(len(draft_rows), 1 + drafts.shape[1], dtype=drafts.dtype, device=drafts.device)
+    table = torch.zeros(len(draft_rows), 1 + gamma, dtype=drafts.dtype, device=drafts.device)
     table[:, 0] = on_device
     table[_to_device(rows, drafts.device), 1:] = drafts[_to_device([draft_rows[i] for i in rows], drafts.device)]
-    return table[_to_device([[True] + [j is not None] * drafts.shape[1] for j in draft_rows], drafts.device)]
+    # integer indices, not a boolean mask: selecting by mask waits for the device to count the selected entries
+    flat = [i * (1 + gamma) + k for i, j in enumerate(draft_rows) for k in range(1 + gamma * (j is not None))]
+    return table.reshape(-1)[_to_device(flat, drafts.device)]
 
 
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
