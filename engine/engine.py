@@ -56,8 +56,7 @@ class _LaunchedStep:
     result: StepResult
     new_drafts: list[tuple[Request, DraftState]]  # selections queued behind the forward, for requests that refresh
     timed_decodes: int  # a pure decode step that captured no graph: its batch size (its wall time feeds the γ controller)
-    started: float  # when the device could start it: its launch, or for a step launched ahead the step before's end
-    ahead: bool = False  # launched before the step before it was read
+    started: float  # when the device could start on it: its launch, or for a step launched ahead the step before's end
 
 
 class LLMEngine:
@@ -77,6 +76,7 @@ class LLMEngine:
         self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
         self._in_flight: _LaunchedStep | None = None  # queued on the device, its tokens not read yet
+        self._untimed: _LaunchedStep | None = None  # accepted, its cost known once the next step is launched
         self._arrivals = itertools.count()
         self._capture_graphs()
 
@@ -258,6 +258,9 @@ class LLMEngine:
         started, graphs_before = time.perf_counter(), len(self.runner.graph_shapes)
         drafting = self.drafter is not None
         if chunks is None:
+            if self._untimed is not None:
+                self._time_step(self._untimed, started)
+                self._untimed = None
             chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
         if not chunks:
             return None
@@ -309,8 +312,7 @@ class LLMEngine:
         new_drafts = self._new_draft_states(refreshed, result.scores)
         # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
         timed = bool(decodes) and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before
-        return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started,
-                             ahead=on_device is not None)
+        return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started)
 
     def _accept(self, launched: _LaunchedStep, ahead: _LaunchedStep | None) -> list[tuple[OutputTracker, list[int]]]:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
@@ -318,8 +320,6 @@ class LLMEngine:
         got tokens, its tracker and the new ids. ahead: the step launched behind this one before it was read."""
         argmax_rows, draft_rows = launched.result.read_tokens()
         read_at = time.perf_counter()
-        if ahead is not None:
-            ahead.started = read_at  # the device is on it from here
         committed, dropped = [], False
         for chunk, seq, logits, argmax in zip(launched.chunks, launched.seqs, launched.result.logits, argmax_rows):
             req = chunk.request
@@ -350,12 +350,21 @@ class LLMEngine:
         for req, state in launched.new_drafts:
             if not req.finished:
                 req.draft = state
-        # a step some of whose requests were aborted may have waited, launched, while the engine idled. A step launched
-        # ahead costs the time between two reads (its accept overlaps the next step); any other, launch to accepted
+        # A step costs the time from the device starting on it to the device starting on the next, so that the steps'
+        # costs add up to the wall time whichever follow which: a step launched ahead starts when this read returns,
+        # any other when it is launched (the host's accept and launch in between are this step's cost). A step some of
+        # whose requests were aborted is not timed: it may have waited, launched, while the engine idled.
+        if ahead is not None:
+            ahead.started = read_at
         if launched.timed_decodes and not dropped:
-            ended = read_at if launched.ahead else time.perf_counter()
-            self.gamma_controller.record_step_time(launched.timed_decodes, launched.gamma, ended - launched.started)
+            if ahead is not None:
+                self._time_step(launched, read_at)
+            else:
+                self._untimed = launched
         return committed
+
+    def _time_step(self, step: _LaunchedStep, next_started: float) -> None:
+        self.gamma_controller.record_step_time(step.timed_decodes, step.gamma, next_started - step.started)
 
     def _emit(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
         """A request's output for one step: its new text made now (the ids were committed when accepted)."""
@@ -401,6 +410,7 @@ class LLMEngine:
         self.spec_stats = SpecStats()
         self.scheduler.num_preemptions = 0
         self.gamma_controller = GammaController(self.config.spec.max_gamma, self.config.spec.adaptive)
+        self._untimed = None
 
     def stats(self) -> EngineStats:
         return EngineStats(

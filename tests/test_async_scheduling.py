@@ -117,3 +117,20 @@ def test_speculation_launched_ahead_after_plain_steps_stays_lossless(make_engine
     assert _run(engine, requests) == sync_outputs
     assert any(ahead) and 0 in ahead, "both plain and speculative steps were meant to be launched ahead"
     assert engine.kv_usage == 0
+
+
+def test_step_costs_tile_the_wall_clock(make_engine):
+    """Adaptive γ compares step kinds by their cost: from the device starting on a step to it starting on the next.
+    Those spans must tile the timeline whichever steps follow which (plain launched ahead, speculation launched ahead,
+    speculation after speculation, plain after speculation): a gap or an overlap would make one kind look cheaper."""
+    engine = make_engine(spec=SpecConfig(drafter="specattn", gamma=4, adaptive=True, budget_ratio=0.1, min_budget=6))
+    tok = engine.tokenizer
+    script = iter([0, 0, 4, 4, 0, 0, 2, 0, 3, 3, 0] * 40)
+    engine.gamma_controller.choose = lambda batch_size: next(script)
+    spans = []
+    original = engine._time_step
+    engine._time_step = lambda step, end: (spans.append((step.started, end, step.gamma)), original(step, end))
+    engine.generate([tok.encode(p) for p in PROMPTS], replace(GREEDY, max_tokens=40))
+    assert len(spans) > 20 and {g for *_, g in spans} >= {0, 2, 3, 4}
+    for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
+        assert end == start, "a step's span must end where the next one's begins"
