@@ -7,7 +7,7 @@ def accept_drafts(draft: list[int], target: list[int]) -> list[int]:
     """The longest prefix of the draft the target agrees with, then the target's own next token.
 
     target[i] is the token the verification chooses after the committed token and draft[:i], by the
-    same rule plain decoding uses (argmax, or the seeded Gumbel-max of `sampling.choose_tokens`), so
+    same rule plain decoding uses (argmax, or the seeded Gumbel-max of `sampling.sample_rows`), so
     the committed tokens are exactly those plain decoding would produce.
     """
     n = 0

@@ -21,7 +21,7 @@ from .model import DecoderModel
 from .drafters import DraftState, make_drafter
 from .request import FinishReason, Request, RequestOutput, RequestStatus, SpecStats
 from .runner import ModelRunner, SequenceInput, StepResult
-from .sampling import SamplingParams, choose_tokens
+from .sampling import SamplingParams, sample_rows
 from .scheduler import ScheduledChunk, Scheduler
 from .stopping import OutputTracker
 
@@ -175,6 +175,8 @@ class LLMEngine:
         if tracker is None:
             return None
         tracker.request.finish_reason = FinishReason.ABORT
+        if tracker.request.output_ids[-1:] == [_ON_DEVICE]:  # left by a step() that raised (the server then aborts all)
+            tracker.request.output_ids.pop()
         self._retire(tracker.request)
         return self._output(tracker, [])
 
@@ -224,8 +226,9 @@ class LLMEngine:
             return None
         if not all(c.request.params.greedy for c in chunks):
             return None  # a sampled token is chosen on the host
-        if sched.waiting and len(sched.running) < sched.config.max_num_seqs:
-            return None  # the scheduler would admit a request: a prefill chunk needs the host's view of the step
+        scheduled = {id(c.request) for c in chunks}
+        if any(id(r) not in scheduled for r in sched.running):
+            return None  # a running request the budget left out: the scheduler may fit it in next
         # requests the length limits end with this token (or aborted) have no next step; EOS and stop ids are not
         # known yet: those requests get a next step that is dropped when it is accepted
         going_on = [
@@ -233,6 +236,8 @@ class LLMEngine:
             if not c.request.finished and len(c.request.output_ids) + 1 < c.request.params.max_tokens
             and c.request.num_tokens + 1 < c.request.max_total_tokens
         ]
+        if sched.waiting and len(going_on) < sched.config.max_num_seqs:
+            return None  # the scheduler would admit a request: a prefill chunk needs the host's view of the step
         lookahead = self.config.spec.max_gamma if self.drafter is not None else 0
         if not going_on or len(going_on) * (1 + lookahead) > sched.config.max_num_batched_tokens:
             return None
@@ -320,7 +325,7 @@ class LLMEngine:
         got tokens, its tracker and the new ids. ahead: the step launched behind this one before it was read."""
         argmax_rows, draft_rows = launched.result.read_tokens()
         read_at = time.perf_counter()
-        committed, dropped = [], False
+        live, dropped = [], False
         for chunk, seq, logits, argmax in zip(launched.chunks, launched.seqs, launched.result.logits, argmax_rows):
             req = chunk.request
             if req.finished:  # aborted (or, launched ahead, finished by the step before) while the step was in flight
@@ -329,12 +334,12 @@ class LLMEngine:
             if req.output_ids and req.output_ids[-1] == _ON_DEVICE:
                 req.output_ids.pop()  # the step launched ahead took this step's token from the device: here it is
             req.num_computed = chunk.start + chunk.num_tokens
-            if not chunk.completes_sequence:
-                continue
+            if chunk.completes_sequence:
+                live.append((chunk, seq, logits, argmax))
+        committed = []
+        for (chunk, _, _, _), target in zip(live, _targets(live)):
+            req = chunk.request
             draft = draft_rows[launched.drafted[req.request_id]] if req.request_id in launched.drafted else None
-            # logits row j chooses the token right after token (len - num_logits + j) of this step's input
-            first = chunk.start + len(seq.token_ids) - seq.num_logits + 1
-            target = argmax if req.params.greedy else choose_tokens(logits, req.params, req.seed, first)
             tokens = accept_drafts(draft, target) if draft is not None else [target[-1]]
             if draft is not None:
                 accepted = len(tokens) - 1
@@ -388,7 +393,7 @@ class LLMEngine:
         The draft tokens [chunks, γ], on the model's device. first: the chunks' tokens on the device (launched ahead)."""
         seqs = [
             SequenceInput(
-                c.request.token_slice(c.start, c.start + 1), c.start, c.request.page_table, 1,
+                [0] if first is not None else c.request.token_slice(c.start, c.start + 1), c.start, c.request.page_table, 1,
                 sparse=c.request.draft.attended(c.start + gamma - 1, c.request.page_table, self.cache.page_size),
             )
             for c in chunks
@@ -396,11 +401,8 @@ class LLMEngine:
 
         def choose(j: int, logits: torch.Tensor) -> list[int]:
             # the same rule, and for sampling the same noise, the verification will use at this position
-            greedy = logits.argmax(dim=-1).tolist()
-            return [
-                g if c.request.params.greedy else choose_tokens(row[None], c.request.params, c.request.seed, c.start + j + 1)[0]
-                for c, row, g in zip(chunks, logits, greedy)
-            ]
+            return sample_rows(logits, [c.request.params for c in chunks], [c.request.seed for c in chunks],
+                               [c.start + j + 1 for c in chunks]).tolist()
 
         greedy = all(c.request.params.greedy for c in chunks)
         return self.runner.run_drafts(seqs, gamma, None if greedy else choose, first)
@@ -455,6 +457,28 @@ class LLMEngine:
             for out in self.step():
                 results[out.request_id].extend(out.new_token_ids)
         return [results[rid] for rid in ids]
+
+
+def _targets(live: list[tuple[ScheduledChunk, SequenceInput, torch.Tensor, list[int]]]) -> list[list[int]]:
+    """Per (chunk, its input, its logits rows, their argmax) the token each row chooses: the argmax, or for a sampling
+    request its seeded choice, every sampled row of the step in one batch (one wait for the device)."""
+    targets = [argmax for *_, argmax in live]
+    sampled = [i for i, (chunk, *_) in enumerate(live) if not chunk.request.params.greedy]
+    if not sampled:
+        return targets
+    rows, params, seeds, positions = [], [], [], []
+    for i in sampled:
+        chunk, seq, logits, _ = live[i]
+        # logits row j chooses the token right after token (len - num_logits + j) of this step's input
+        first = chunk.start + len(seq.token_ids) - seq.num_logits + 1
+        rows.append(logits)
+        params += [chunk.request.params] * len(logits)
+        seeds += [chunk.request.seed] * len(logits)
+        positions += range(first, first + len(logits))
+    chosen = iter(sample_rows(torch.cat(rows), params, seeds, positions).tolist())
+    for i in sampled:
+        targets[i] = [next(chosen) for _ in range(len(live[i][2]))]
+    return targets
 
 
 def _placeholder_tokens(

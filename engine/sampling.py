@@ -47,41 +47,79 @@ class SamplingParams:
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy request samples from: temperature, then top-k, then top-p, over the last dim."""
-    logits = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
-        drop[..., 0] = False  # a top_p that rounds to 0 in float32 must still leave one token
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    rows = logits.reshape(-1, logits.shape[-1])
+    full = lambda value: torch.full((rows.shape[0],), value, device=logits.device)  # noqa: E731
+    probs = _probabilities(rows, full(float(params.temperature)), full(params.top_k), full(float(params.top_p)))
+    return probs.reshape(logits.shape)
 
 
-def _gumbel(seed: int, position: int, vocab: int, device: torch.device) -> torch.Tensor:
-    # one noise vector per (seed, position): fixed, whoever asks for it and in whatever batch
-    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + position) % (1 << 63))
-    u = torch.rand(vocab, generator=g, device=device).clamp_(min=1e-20)
+def _probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probabilities() of [R, vocab] logits, each row with its own temperature, top-k (0: off) and top-p, in one go
+    and without waiting for the device (one sort serves top-k and top-p: softmax keeps the order)."""
+    logits = logits.float() / temperature[:, None]
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    kth = sorted_logits.gather(1, (k - 1)[:, None])  # ties with the k-th logit stay
+    sorted_p = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the top token always stays; top_p = 1 keeps every token)
+    drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]) & (top_p[:, None] < 1)
+    drop[:, 0] = False
+    probs = torch.zeros_like(sorted_p).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2^32 for x in [0, 2^32) held in int64, without int64 overflow: c in 16-bit halves."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with good avalanche (Chris Wellons' lowbias32), elementwise on int64 holding uint32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, vocab] Gumbel noise, row r fixed by (seeds[r], positions[r]) and each token's index alone: a counter-based
+    hash, no generator state, so the same on every device and in any batch, whoever asks (a draft or the verification)."""
+    key = _hash32(_hash32((seeds ^ (seeds >> 32)) & _MASK32) ^ (positions & _MASK32))
+    tokens = _mul32(torch.arange(vocab, device=seeds.device), 0x9E3779B1)  # spread apart: a bijection of 32-bit ints
+    bits = _hash32(key[:, None] ^ tokens[None, :])
+    u = ((bits >> 8).float() + 0.5) / (1 << 24)  # 24 bits, as float32 holds them: u in (0, 1)
     return -torch.log(-torch.log(u))
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, seed: int, first_position: int) -> list[int]:
-    """The token each row of [n, vocab] logits chooses; row i chooses the token at first_position + i.
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]
+) -> torch.Tensor:
+    """The token each row of [R, vocab] logits chooses, on the logits' device without waiting for it: row r with
+    params[r] at position positions[r] of a request seeded seeds[r].
 
-    Greedy takes the argmax. Sampling uses the Gumbel-max trick, argmax(log p + G), with the noise G
-    fixed by (seed, position): that is an exact sample from p (after temperature, top-k, top-p), and
-    the same position chosen from the same logits always gives the same token, whatever the batch and
-    whether a draft or the verification chooses it. So speculation reproduces plain sampling token for
-    token, and a seeded request is reproducible under any batch and any draft length.
-    """
-    if params.greedy:
-        return logits.argmax(dim=-1).tolist()
-    noise = torch.stack(
-        [_gumbel(seed, first_position + i, logits.shape[-1], logits.device) for i in range(logits.shape[0])]
+    Greedy rows take the argmax. Sampled rows use the Gumbel-max trick, argmax(log p + G), with the noise G fixed
+    by (seed, position): that is an exact sample from p (after temperature, top-k, top-p), and the same position
+    chosen from the same logits always gives the same token, whatever the batch and whether a draft or the
+    verification chooses it. So speculation reproduces plain sampling token for token, and a seeded request is
+    reproducible under any batch and any draft length."""
+    chosen = logits.argmax(dim=-1)
+    sampled = [r for r, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return chosen
+    dev = logits.device
+    as_device = lambda values, dtype: torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)  # noqa: E731
+    picked = [params[r] for r in sampled]
+    probs = _probabilities(
+        logits[as_device(sampled, torch.long)],
+        as_device([p.temperature for p in picked], torch.float32),
+        as_device([p.top_k for p in picked], torch.long),
+        as_device([p.top_p for p in picked], torch.float32),
     )
-    return (probabilities(logits, params).log() + noise).argmax(dim=-1).tolist()
+    noise = gumbel_noise(as_device([seeds[r] for r in sampled], torch.long), as_device([positions[r] for r in sampled], torch.long),
+                         logits.shape[-1])
+    return chosen.index_copy(0, as_device(sampled, torch.long), (probs.log() + noise).argmax(dim=-1))

@@ -14,7 +14,7 @@ import torch
 from specattn.engine.acceptance import accept_drafts
 from specattn.engine.config import SpecConfig
 from specattn.engine.runner import SequenceInput
-from specattn.engine.sampling import SamplingParams, choose_tokens, probabilities
+from specattn.engine.sampling import SamplingParams, probabilities, sample_rows
 from tests.test_engine import GREEDY, PROMPTS, PLAIN, _run_staggered
 
 # A tiny budget (k_min 6 of 10-25 prompt tokens) so drafts really miss context and get rejected sometimes.
@@ -115,8 +115,8 @@ def test_seeded_choice_is_an_exact_sample_of_the_target():
     p = probabilities(target_logits, params)[0]
     committed, drafted = Counter(), Counter()
     for seed in range(n):
-        draft = choose_tokens(draft_logits, params, seed, 17)
-        target = choose_tokens(target_logits, params, seed, 17)
+        draft = sample_rows(draft_logits, [params], [seed], [17]).tolist()
+        target = sample_rows(target_logits, [params], [seed], [17]).tolist()
         committed[accept_drafts(draft, target + target)[0]] += 1
         drafted[draft[0]] += 1
     expected = {t: float(p[t]) for t in range(vocab) if p[t] > 0}
@@ -252,3 +252,29 @@ def test_speculation_at_the_end_of_the_context(smollm_files, tmp_path):
         outputs[drafter] = (tokens, reason)
     assert outputs["specattn"] == outputs["none"]
     assert len(outputs["none"][0]) == 12 and outputs["none"][1] == "length"
+
+
+def test_sampled_rows_do_not_depend_on_the_batch():
+    """Each row's choice is fixed by its logits, params, seed and position: the same alone, in any batch and order,
+    on the CPU as the noise is a hash of (seed, position, token), not a generator's state. Greedy rows take the argmax."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 50, generator=g) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.8),
+              SamplingParams(temperature=1.3, top_k=3, top_p=0.5), SamplingParams(temperature=0), SamplingParams()]
+    seeds, positions = [11, 12, 13, 14, 15, 11], [3, 3, 9, 1, 4, 3]
+    together = sample_rows(logits, params, seeds, positions).tolist()
+    alone = [sample_rows(logits[r : r + 1], [params[r]], [seeds[r]], [positions[r]]).item() for r in range(6)]
+    order = [5, 2, 0, 4, 1, 3]
+    shuffled = sample_rows(logits[order], [params[r] for r in order], [seeds[r] for r in order], [positions[r] for r in order])
+    assert together == alone == [dict(zip(order, shuffled.tolist()))[r] for r in range(6)]
+    assert together[0] == logits[0].argmax() and together[4] == logits[4].argmax()
+    assert together[1] in logits[1].topk(5).indices.tolist()
+
+
+def test_top_k_and_top_p_cut_the_distribution():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 2.0, -1.0]])
+    top_k = probabilities(logits, SamplingParams(top_k=3))[0]
+    assert (top_k[4] == 0) and (top_k[:4] > 0).all(), "ties with the k-th logit stay"
+    top_p = probabilities(logits, SamplingParams(top_p=0.6))[0]
+    assert top_p[0] == 1.0, "the top token alone holds 0.6 of the mass"
+    assert torch.allclose(probabilities(logits, SamplingParams(temperature=2.0))[0], torch.softmax(logits[0] / 2, -1))
