@@ -62,9 +62,14 @@ def _probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
     kth = sorted_logits.gather(1, (k - 1)[:, None])  # ties with the k-th logit stay
     sorted_p = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
-    # keep the smallest prefix whose mass reaches top_p (the top token always stays; top_p = 1 keeps every token)
-    drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]) & (top_p[:, None] < 1)
-    drop[:, 0] = False
+    # keep the smallest prefix whose mass reaches top_p (the top token always stays; top_p = 1 keeps every token),
+    # tokens tied in probability all or none: the mass before a tie group is its first member's, so how a sort orders
+    # ties (which may depend on the batch) cannot change the distribution
+    before = sorted_p.cumsum(-1) - sorted_p
+    group_start = torch.ones_like(sorted_p, dtype=torch.bool)
+    group_start[:, 1:] = sorted_p[:, 1:] != sorted_p[:, :-1]
+    before = torch.where(group_start, before, float("-inf")).cummax(-1).values
+    drop = (before >= top_p[:, None]) & (top_p[:, None] < 1)
     probs = torch.zeros_like(sorted_p).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return probs / probs.sum(-1, keepdim=True)
 

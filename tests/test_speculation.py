@@ -278,3 +278,11 @@ def test_top_k_and_top_p_cut_the_distribution():
     top_p = probabilities(logits, SamplingParams(top_p=0.6))[0]
     assert top_p[0] == 1.0, "the top token alone holds 0.6 of the mass"
     assert torch.allclose(probabilities(logits, SamplingParams(temperature=2.0))[0], torch.softmax(logits[0] / 2, -1))
+
+
+def test_top_p_keeps_or_drops_tied_tokens_together():
+    """Tokens tied in probability at the top-p boundary stay or go together, so the order a sort gives ties (which
+    may depend on the batch a row is sorted in) cannot change which tokens can be sampled."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    probs = probabilities(logits, SamplingParams(top_p=0.5))[0]
+    assert (probs[1:4] > 0).all() and probs[4] == 0 and torch.allclose(probs[1], probs[3])
