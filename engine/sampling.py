@@ -48,8 +48,9 @@ class SamplingParams:
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy request samples from: temperature, then top-k, then top-p, over the last dim."""
     rows = logits.reshape(-1, logits.shape[-1])
-    full = lambda value: torch.full((rows.shape[0],), value, device=logits.device)  # noqa: E731
-    probs = _probabilities(rows, full(float(params.temperature)), full(params.top_k), full(float(params.top_p)))
+    n, dev = rows.shape[0], logits.device
+    probs = _probabilities(rows, torch.full((n,), float(params.temperature), device=dev),
+                           torch.full((n,), params.top_k, device=dev), torch.full((n,), float(params.top_p), device=dev))
     return probs.reshape(logits.shape)
 
 
@@ -117,14 +118,19 @@ def sample_rows(
     if not sampled:
         return chosen
     dev = logits.device
-    as_device = lambda values, dtype: torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)  # noqa: E731
     picked = [params[r] for r in sampled]
+    rows = _on(dev, sampled, torch.long)
     probs = _probabilities(
-        logits[as_device(sampled, torch.long)],
-        as_device([p.temperature for p in picked], torch.float32),
-        as_device([p.top_k for p in picked], torch.long),
-        as_device([p.top_p for p in picked], torch.float32),
+        logits[rows],
+        _on(dev, [p.temperature for p in picked], torch.float32),
+        _on(dev, [p.top_k for p in picked], torch.long),
+        _on(dev, [p.top_p for p in picked], torch.float32),
     )
-    noise = gumbel_noise(as_device([seeds[r] for r in sampled], torch.long), as_device([positions[r] for r in sampled], torch.long),
+    noise = gumbel_noise(_on(dev, [seeds[r] for r in sampled], torch.long), _on(dev, [positions[r] for r in sampled], torch.long),
                          logits.shape[-1])
-    return chosen.index_copy(0, as_device(sampled, torch.long), (probs.log() + noise).argmax(dim=-1))
+    return chosen.index_copy(0, rows, (probs.log() + noise).argmax(dim=-1))
+
+
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    # without waiting for the device (a blocking copy would wait for the work queued before it)
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -3,6 +3,7 @@ Outputs, finishes and freed pages must be exactly those of the engine that reads
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -132,7 +133,7 @@ def test_step_costs_tile_the_wall_clock(make_engine):
     engine._time_step = lambda step, end: (spans.append((step.started, end, step.gamma)), original(step, end))
     engine.generate([tok.encode(p) for p in PROMPTS], replace(GREEDY, max_tokens=40))
     assert len(spans) > 20 and {g for *_, g in spans} >= {0, 2, 3, 4}
-    for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
+    for (_, end, _), (start, _, _) in itertools.pairwise(spans):
         assert end == start, "a step's span must end where the next one's begins"
 
 
