@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of the engine against an older tree of it, in the offline benchmark, in one run: this tree, then the old one,
 # then this one again, so machine drift shows. The old tree holds the old engine/ and kernels/ folders, e.g.
-#   mkdir -p ab-old && git archive <commit> engine kernels | tar -x -C ab-old
+#   mkdir -p ab-old && git archive <commit> engine kernels | tar -x -C ab-old   (git-ignored: the device call carries it)
 # Usage (GPU machine, after gpu_bench.sh's setup): bash scripts/ab_bench.sh <out dir> <old tree> <offline benchmark args...>
 set -uo pipefail
 out=${1:?out dir}; old=$(realpath "${2:?old tree}"); shift 2
