@@ -57,6 +57,9 @@ class _LaunchedStep:
     new_drafts: list[tuple[Request, DraftState]]  # selections queued behind the forward, for requests that refresh
     timed_decodes: int  # a pure decode step that captured no graph: its batch size (its wall time feeds the γ controller)
     started: float  # when the device could start on it: its launch, or for a step launched ahead the step before's end
+    # set when a step with sampling requests had a step launched ahead behind it: the token each chunk chose, on the
+    # device, which that step took as its input (accepting this step commits exactly these)
+    chosen: torch.Tensor | None = None
 
 
 class LLMEngine:
@@ -204,9 +207,10 @@ class LLMEngine:
         from is whole: finishes, accepted tokens and new selections are settled first (a stop string, which needs
         the text, is checked then too). A request aborted while its step is in flight is skipped when accepted.
 
-        After a plain decode step (every request one new token, greedy) the next step is known but for those tokens,
-        which are on the device: it is queued before this step is even read (vLLM's async scheduling), so the GPU
-        does not wait for the host between the two. A request this step finishes wastes its row of the next."""
+        After a plain decode step (every request one new token) the next step is known but for those tokens, which
+        are on the device (sampled ones chosen there too): it is queued before this step is even read (vLLM's async
+        scheduling), so the GPU does not wait for the host between the two. A request this step finishes wastes its
+        row of the next."""
         launched = self._in_flight or self._launch()
         self._in_flight = None
         if launched is None:
@@ -224,8 +228,6 @@ class LLMEngine:
         chunks, sched = launched.chunks, self.scheduler
         if launched.gamma or not all(c.num_tokens == 1 and c.completes_sequence for c in chunks):
             return None
-        if not all(c.request.params.greedy for c in chunks):
-            return None  # a sampled token is chosen on the host
         scheduled = {id(c.request) for c in chunks}
         if any(id(r) not in scheduled for r in sched.running):
             return None  # a running request the budget left out: the scheduler may fit it in next
@@ -251,7 +253,12 @@ class LLMEngine:
         for req, state in launched.new_drafts:
             if not req.finished:
                 req.draft = state
-        tokens = launched.result.argmax[_to_device([i for i, _ in going_on], launched.result.argmax.device)]
+        # every chunk's token (greedy or sampled, each one row of logits), chosen on the device
+        chosen = launched.result.argmax
+        if not all(c.request.params.greedy for c in chunks):
+            chosen = launched.chosen = sample_rows(torch.cat(launched.result.logits), [c.request.params for c in chunks],
+                                                   [c.request.seed for c in chunks], [c.start + 1 for c in chunks])
+        tokens = chosen[_to_device([i for i, _ in going_on], chosen.device)]
         return self._launch([ScheduledChunk(c.request, c.start + 1, 1) for _, c in going_on], tokens)
 
     def _launch(self, chunks: list[ScheduledChunk] | None = None, on_device: torch.Tensor | None = None) -> _LaunchedStep | None:
@@ -326,7 +333,12 @@ class LLMEngine:
         argmax_rows, draft_rows = launched.result.read_tokens()
         read_at = time.perf_counter()
         live, dropped = [], False
-        for chunk, seq, logits, argmax in zip(launched.chunks, launched.seqs, launched.result.logits, argmax_rows):
+        # the tokens a step launched ahead took as its inputs: those are what this step commits (a sampled choice made
+        # again here, in another batch, could order tied probabilities differently)
+        chosen = None if launched.chosen is None else launched.chosen.tolist()
+        for i, (chunk, seq, logits, argmax) in enumerate(
+            zip(launched.chunks, launched.seqs, launched.result.logits, argmax_rows)
+        ):
             req = chunk.request
             if req.finished:  # aborted (or, launched ahead, finished by the step before) while the step was in flight
                 dropped = True
@@ -335,9 +347,10 @@ class LLMEngine:
                 req.output_ids.pop()  # the step launched ahead took this step's token from the device: here it is
             req.num_computed = chunk.start + chunk.num_tokens
             if chunk.completes_sequence:
-                live.append((chunk, seq, logits, argmax))
+                live.append((chunk, seq, logits, argmax if chosen is None else [chosen[i]]))
         committed = []
-        for (chunk, _, _, _), target in zip(live, _targets(live)):
+        targets = [argmax for *_, argmax in live] if chosen is not None else _targets(live)
+        for (chunk, _, _, _), target in zip(live, targets):
             req = chunk.request
             draft = draft_rows[launched.drafted[req.request_id]] if req.request_id in launched.drafted else None
             tokens = accept_drafts(draft, target) if draft is not None else [target[-1]]
@@ -391,12 +404,18 @@ class LLMEngine:
     def _draft(self, chunks: list[ScheduledChunk], gamma: int, first: torch.Tensor | None) -> torch.Tensor:
         """γ chained sparse forwards for all decoding requests at once; each sees only its draft positions.
         The draft tokens [chunks, γ], on the model's device. first: the chunks' tokens on the device (launched ahead)."""
+        greedy = all(c.request.params.greedy for c in chunks)
+        # a chain with sampling requests chooses its drafts on the host, so it needs its first tokens there too
+        first_ids = None if first is None or greedy else first.tolist()
+        first = first if greedy else None
         seqs = [
             SequenceInput(
-                [0] if first is not None else c.request.token_slice(c.start, c.start + 1), c.start, c.request.page_table, 1,
+                [first_ids[k]] if first_ids is not None else [0] if first is not None
+                else c.request.token_slice(c.start, c.start + 1),
+                c.start, c.request.page_table, 1,
                 sparse=c.request.draft.attended(c.start + gamma - 1, c.request.page_table, self.cache.page_size),
             )
-            for c in chunks
+            for k, c in enumerate(chunks)
         ]
 
         def choose(j: int, logits: torch.Tensor) -> list[int]:
@@ -404,7 +423,6 @@ class LLMEngine:
             return sample_rows(logits, [c.request.params for c in chunks], [c.request.seed for c in chunks],
                                [c.start + j + 1 for c in chunks]).tolist()
 
-        greedy = all(c.request.params.greedy for c in chunks)
         return self.runner.run_drafts(seqs, gamma, None if greedy else choose, first)
 
     def reset_stats(self) -> None:

@@ -50,28 +50,38 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     rows = logits.reshape(-1, logits.shape[-1])
     n, dev = rows.shape[0], logits.device
     probs = _probabilities(rows, torch.full((n,), float(params.temperature), device=dev),
-                           torch.full((n,), params.top_k, device=dev), torch.full((n,), float(params.top_p), device=dev))
+                           torch.full((n,), params.top_k, device=dev), torch.full((n,), float(params.top_p), device=dev),
+                           cut=_cuts(params))
     return probs.reshape(logits.shape)
 
 
-def _probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _probabilities(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, cut: bool = True
+) -> torch.Tensor:
     """probabilities() of [R, vocab] logits, each row with its own temperature, top-k (0: off) and top-p, in one go
-    and without waiting for the device (one sort serves top-k and top-p: softmax keeps the order)."""
+    and without waiting for the device (one sort serves top-k and top-p: softmax keeps the order). cut False: no
+    row has top-k or top-p on, so no sort (a 49k-token sort is milliseconds on a CPU)."""
     logits = logits.float() / temperature[:, None]
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    kth = sorted_logits.gather(1, (k - 1)[:, None])  # ties with the k-th logit stay
-    sorted_p = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
-    # keep the smallest prefix whose mass reaches top_p (the top token always stays; top_p = 1 keeps every token),
-    # tokens tied in probability all or none: the mass before a tie group is its first member's, so how a sort orders
-    # ties (which may depend on the batch) cannot change the distribution
-    before = sorted_p.cumsum(-1) - sorted_p
-    group_start = torch.ones_like(sorted_p, dtype=torch.bool)
-    group_start[:, 1:] = sorted_p[:, 1:] != sorted_p[:, :-1]
-    before = torch.where(group_start, before, float("-inf")).cummax(-1).values
-    drop = (before >= top_p[:, None]) & (top_p[:, None] < 1)
-    probs = torch.zeros_like(sorted_p).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    if cut:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+        kth = sorted_logits.gather(1, (k - 1)[:, None])  # ties with the k-th logit stay
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # softmax and the sum in the token order either way, so a row without top-k or top-p gets the same numbers
+    # whether or not the rows beside it cut (the same token from the same logits in any batch)
+    probs = torch.softmax(logits, dim=-1)
+    if cut:
+        # keep the smallest prefix whose mass reaches top_p (the top token always stays; top_p = 1 keeps every
+        # token), tokens tied in probability all or none: the mass before a tie group is its first member's, so
+        # how a sort orders ties (which may depend on the batch) cannot change the distribution
+        sorted_p = probs.gather(1, order)
+        before = sorted_p.cumsum(-1) - sorted_p
+        group_start = torch.ones_like(sorted_p, dtype=torch.bool)
+        group_start[:, 1:] = sorted_p[:, 1:] != sorted_p[:, :-1]
+        before = torch.where(group_start, before, float("-inf")).cummax(-1).values
+        drop = (before >= top_p[:, None]) & (top_p[:, None] < 1)
+        probs = probs.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
 
@@ -125,10 +135,15 @@ def sample_rows(
         _on(dev, [p.temperature for p in picked], torch.float32),
         _on(dev, [p.top_k for p in picked], torch.long),
         _on(dev, [p.top_p for p in picked], torch.float32),
+        cut=any(_cuts(p) for p in picked),
     )
     noise = gumbel_noise(_on(dev, [seeds[r] for r in sampled], torch.long), _on(dev, [positions[r] for r in sampled], torch.long),
                          logits.shape[-1])
     return chosen.index_copy(0, rows, (probs.log() + noise).argmax(dim=-1))
+
+
+def _cuts(params: SamplingParams) -> bool:
+    return params.top_k > 0 or params.top_p < 1
 
 
 def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:

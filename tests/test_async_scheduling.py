@@ -158,3 +158,28 @@ def test_a_request_the_budget_left_out_is_not_starved(make_engine):
         return first, done
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("drafter", ["none", "specattn"])
+def test_seeded_sampling_launched_ahead_equals_reading_every_step(make_engine, drafter):
+    """Sampling requests (seeded, temperature/top-p/top-k) among greedy ones: a step launched ahead takes their
+    sampled tokens from the device, and accepting the step before commits those very tokens. With adaptive γ
+    forced through plain and speculative steps, the drafts of a sampled chain launched ahead start from them too."""
+    tok = make_engine(spec=PLAIN).tokenizer
+    requests = [
+        (tok.encode(p), replace(GREEDY, temperature=0.0 if i % 3 == 0 else 0.8, top_p=0.95, top_k=40 * (i % 2), seed=7 + i))
+        for i, p in enumerate(PROMPTS[:6])
+    ]
+    spec = PLAIN if drafter == "none" else SpecConfig(drafter="specattn", gamma=3, adaptive=True, budget_ratio=0.1, min_budget=6)
+
+    def run(async_scheduling: bool):
+        engine = make_engine(spec=spec, async_scheduling=async_scheduling)
+        script = iter([0, 0, 3, 0, 2, 0, 0] * 40)
+        if drafter != "none":
+            engine.gamma_controller.choose = lambda batch_size: next(script)
+        ahead = _count_launches_ahead(engine)
+        return _run(engine, requests), ahead
+
+    (got, ahead), (expected, _) = run(True), run(False)
+    assert got == expected
+    assert len(ahead) > 5 and (drafter == "none" or any(ahead))
