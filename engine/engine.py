@@ -24,6 +24,7 @@ from .runner import ModelRunner, SequenceInput, StepResult
 from .sampling import SamplingParams, sample_rows
 from .scheduler import ScheduledChunk, Scheduler
 from .stopping import OutputTracker
+from .transfer import to_device
 
 # A selection this many positions old is renewed by the request's next plain step (which then scores its
 # query): drafts after long stretches of plain decoding stay current and within the graphs' recent slots.
@@ -258,7 +259,7 @@ class LLMEngine:
         if not all(c.request.params.greedy for c in chunks):
             chosen = launched.chosen = sample_rows(torch.cat(launched.result.logits), [c.request.params for c in chunks],
                                                    [c.request.seed for c in chunks], [c.start + 1 for c in chunks])
-        tokens = chosen[_to_device([i for i, _ in going_on], chosen.device)]
+        tokens = chosen[to_device([i for i, _ in going_on], chosen.device)]
         return self._launch([ScheduledChunk(c.request, c.start + 1, 1) for _, c in going_on], tokens)
 
     def _launch(self, chunks: list[ScheduledChunk] | None = None, on_device: torch.Tensor | None = None) -> _LaunchedStep | None:
@@ -288,7 +289,7 @@ class LLMEngine:
         draft_rows = [drafted.get(c.request.request_id) for c in chunks]
         first = None
         if on_device is not None and gamma:
-            first = on_device[_to_device([i for i, j in enumerate(draft_rows) if j is not None], on_device.device)]
+            first = on_device[to_device([i for i, j in enumerate(draft_rows) if j is not None], on_device.device)]
         # the drafts stay on the device: the verification reads them there, queued right behind the draft chain
         drafts = self._draft(decodes, gamma, first) if gamma else None
 
@@ -510,12 +511,7 @@ def _placeholder_tokens(
     rows = [i for i, j in enumerate(draft_rows) if j is not None]
     table = torch.zeros(len(draft_rows), 1 + gamma, dtype=drafts.dtype, device=drafts.device)
     table[:, 0] = on_device
-    table[_to_device(rows, drafts.device), 1:] = drafts[_to_device([draft_rows[i] for i in rows], drafts.device)]
+    table[to_device(rows, drafts.device), 1:] = drafts[to_device([draft_rows[i] for i in rows], drafts.device)]
     # integer indices, not a boolean mask: selecting by mask waits for the device to count the selected entries
     flat = [i * (1 + gamma) + k for i, j in enumerate(draft_rows) for k in range(1 + gamma * (j is not None))]
-    return table.reshape(-1)[_to_device(flat, drafts.device)]
-
-
-def _to_device(values: list, device: torch.device) -> torch.Tensor:
-    # without waiting: a blocking copy would wait for the step in flight, which a step launched ahead must not
-    return torch.tensor(values).to(device, non_blocking=True)
+    return table.reshape(-1)[to_device(flat, drafts.device)]

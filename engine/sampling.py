@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .transfer import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -129,23 +131,18 @@ def sample_rows(
         return chosen
     dev = logits.device
     picked = [params[r] for r in sampled]
-    rows = _on(dev, sampled, torch.long)
+    rows = to_device(sampled, dev, torch.long)
     probs = _probabilities(
         logits[rows],
-        _on(dev, [p.temperature for p in picked], torch.float32),
-        _on(dev, [p.top_k for p in picked], torch.long),
-        _on(dev, [p.top_p for p in picked], torch.float32),
+        to_device([p.temperature for p in picked], dev, torch.float32),
+        to_device([p.top_k for p in picked], dev, torch.long),
+        to_device([p.top_p for p in picked], dev, torch.float32),
         cut=any(_cuts(p) for p in picked),
     )
-    noise = gumbel_noise(_on(dev, [seeds[r] for r in sampled], torch.long), _on(dev, [positions[r] for r in sampled], torch.long),
-                         logits.shape[-1])
+    noise = gumbel_noise(to_device([seeds[r] for r in sampled], dev, torch.long),
+                         to_device([positions[r] for r in sampled], dev, torch.long), logits.shape[-1])
     return chosen.index_copy(0, rows, (probs.log() + noise).argmax(dim=-1))
 
 
 def _cuts(params: SamplingParams) -> bool:
     return params.top_k > 0 or params.top_p < 1
-
-
-def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    # without waiting for the device (a blocking copy would wait for the work queued before it)
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
