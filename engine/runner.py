@@ -85,7 +85,7 @@ class ModelRunner:
     ) -> StepResult:
         """Write every sequence's new K/V into the cache; return the logits (and scores) each sequence asked for.
 
-        on_device: [sequences with num_on_device > 0, num_on_device] device tokens for their placeholders;
+        on_device: the device tokens for the placeholders, flat in sequence order (any shape that flattens so);
         drafts: the draft tokens among them (from run_drafts), copied to the host for acceptance.
         """
         with self._on_device():
