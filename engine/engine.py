@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from .request import FinishReason, Request, RequestOutput, RequestStatus, SpecSt
 from .runner import ModelRunner, SequenceInput, StepResult
 from .sampling import SamplingParams, sample_rows
 from .scheduler import ScheduledChunk, Scheduler
+from .step_clock import StepClock, StepMark
 from .stopping import OutputTracker
 from .transfer import to_device
 
@@ -57,7 +57,7 @@ class _LaunchedStep:
     result: StepResult
     new_drafts: list[tuple[Request, DraftState]]  # selections queued behind the forward, for requests that refresh
     timed_decodes: int  # a pure decode step that captured no graph: its batch size (its wall time feeds the γ controller)
-    started: float  # when the device could start on it: its launch, or for a step launched ahead the step before's end
+    started: StepMark  # when the device starts on it (the step's cost runs from there to the next step's start)
     # set when a step with sampling requests had a step launched ahead behind it: the token each chunk chose, on the
     # device, which that step took as its input (accepting this step commits exactly these)
     chosen: torch.Tensor | None = None
@@ -80,7 +80,8 @@ class LLMEngine:
         self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
         self._in_flight: _LaunchedStep | None = None  # queued on the device, its tokens not read yet
-        self._untimed: _LaunchedStep | None = None  # accepted, its cost known once the next step is launched
+        self.clock = StepClock(self.model.device)
+        self._untimed: _LaunchedStep | None = None  # accepted, its cost known once the step after it is read
         self._arrivals = itertools.count()
         self._capture_graphs()
 
@@ -217,9 +218,11 @@ class LLMEngine:
         if launched is None:
             return []
         ahead = self._launch_ahead(launched) if self.config.scheduler.async_scheduling else None
-        committed = self._accept(launched, ahead)
+        committed = self._accept(launched)
         del launched  # its logits (every row, float32) need not stay alive next to the next step's
         self._in_flight = ahead or self._launch()
+        if self._in_flight is None:
+            self._untimed = None  # nothing follows it: the next step's start would count the engine's idle time
         return [self._emit(tracker, new_ids) for tracker, new_ids in committed]
 
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
@@ -268,12 +271,9 @@ class LLMEngine:
         chosen on the host).
 
         chunks, on_device: a step launched ahead: one-token decodes whose tokens are on the device, in that order."""
-        started, graphs_before = time.perf_counter(), len(self.runner.graph_shapes)
+        started, graphs_before = self.clock.mark(), len(self.runner.graph_shapes)
         drafting = self.drafter is not None
         if chunks is None:
-            if self._untimed is not None:
-                self._time_step(self._untimed, started)
-                self._untimed = None
             chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
         if not chunks:
             return None
@@ -327,12 +327,17 @@ class LLMEngine:
         timed = bool(decodes) and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before
         return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started)
 
-    def _accept(self, launched: _LaunchedStep, ahead: _LaunchedStep | None) -> list[tuple[OutputTracker, list[int]]]:
+    def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int]]]:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
         output ids, finishes (finished requests leave the scheduler), new selections. Returns, per request that
-        got tokens, its tracker and the new ids. ahead: the step launched behind this one before it was read."""
+        got tokens, its tracker and the new ids."""
         argmax_rows, draft_rows = launched.result.read_tokens()
-        read_at = time.perf_counter()
+        # The step before this one is timed now: the device has passed this one's start. A step costs the time from
+        # the device starting on it to it starting on the next, so costs tile the timeline whichever steps follow
+        # which (the host's accept and launch count where the device waited for them).
+        if self._untimed is not None:
+            self._time_step(self._untimed, launched.started)
+            self._untimed = None
         live, dropped = [], False
         # the tokens a step launched ahead took as its inputs: those are what this step commits (a sampled choice made
         # again here, in another batch, could order tied probabilities differently)
@@ -369,21 +374,13 @@ class LLMEngine:
         for req, state in launched.new_drafts:
             if not req.finished:
                 req.draft = state
-        # A step costs the time from the device starting on it to the device starting on the next, so that the steps'
-        # costs add up to the wall time whichever follow which: a step launched ahead starts when this read returns,
-        # any other when it is launched (the host's accept and launch in between are this step's cost). A step some of
-        # whose requests were aborted is not timed: it may have waited, launched, while the engine idled.
-        if ahead is not None:
-            ahead.started = read_at
+        # a step some of whose requests were aborted is not timed: it may have waited, launched, while the engine idled
         if launched.timed_decodes and not dropped:
-            if ahead is not None:
-                self._time_step(launched, read_at)
-            else:
-                self._untimed = launched
+            self._untimed = launched
         return committed
 
-    def _time_step(self, step: _LaunchedStep, next_started: float) -> None:
-        self.gamma_controller.record_step_time(step.timed_decodes, step.gamma, next_started - step.started)
+    def _time_step(self, step: _LaunchedStep, next_started: StepMark) -> None:
+        self.gamma_controller.record_step_time(step.timed_decodes, step.gamma, self.clock.seconds(step.started, next_started))
 
     def _emit(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
         """A request's output for one step: its new text made now (the ids were committed when accepted)."""

@@ -1,5 +1,6 @@
 """Wall time of every engine step of one offline run, per variant: where a variant's time goes step by step
-(e.g. whether adaptive's plain steps cost what `none`'s do, and what its speculative probes cost).
+(e.g. whether adaptive's plain steps cost what `none`'s do, and what its speculative probes cost), and with
+--controller the step costs adaptive γ's controller recorded, in order (what its choices were made from).
 
 Usage (GPU machine, after `source scripts/gpu_env.sh`):
     python3 scripts/step_trace.py --docs .bench-docs/*.txt --context 8192 --batch 1 --variants none,adaptive,specattn
@@ -43,6 +44,19 @@ def trace(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[
     return steps
 
 
+def record_controller(engine: LLMEngine) -> list[tuple[int, int, float]]:
+    """(γ, batch, seconds) of each step cost the engine's γ controller records from now on."""
+    controller, recorded = engine.gamma_controller, []
+    record = controller.record_step_time
+
+    def recording(batch_size: int, gamma: int, seconds: float) -> None:
+        recorded.append((gamma, batch_size, seconds))
+        record(batch_size, gamma, seconds)
+
+    controller.record_step_time = recording
+    return recorded
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--docs", nargs="+", required=True)
@@ -52,6 +66,7 @@ def main() -> None:
     p.add_argument("--variants", type=lambda s: s.split(","), default=["none", "adaptive", "specattn"])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--controller", action="store_true", help="print each step cost the γ controller recorded")
     args = p.parse_args()
     files = load_model_files(None)
     prompts = build_prompts(files, "summarize", load_documents(args.docs), args.context, args.batch, args.max_tokens)
@@ -64,6 +79,7 @@ def main() -> None:
         trace(engine, [q[:256] for q in prompts], 24)  # warm-up, as the offline benchmark does
         for r in range(args.repeats):
             engine.reset_stats()
+            recorded = record_controller(engine) if args.controller else []
             steps = trace(engine, prompts, args.max_tokens)
             total = sum(s for _, s, _ in steps)
             tokens = sum(n for _, _, n in steps)
@@ -78,6 +94,9 @@ def main() -> None:
             slowest = sorted(range(len(steps)), key=lambda i: -steps[i][1])[:6]
             print(f"{name} run {r}: {len(steps)} steps {total * 1e3:.1f} ms {tokens / total:.1f} tok/s | {per_gamma} | slowest "
                   + ", ".join(f"#{i} γ={steps[i][0]} {steps[i][1] * 1e3:.1f}ms" for i in slowest), flush=True)
+            if recorded:
+                print(f"{name} run {r} controller (γ:ms, batch): " + " ".join(f"{g}:{t * 1e3:.2f}" for g, _, t in recorded)
+                      + f" | batches {sorted({b for _, b, _ in recorded})}", flush=True)
         del engine
 
 

@@ -4,6 +4,7 @@ Outputs, finishes and freed pages must be exactly those of the engine that reads
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -120,10 +121,13 @@ def test_speculation_launched_ahead_after_plain_steps_stays_lossless(make_engine
     assert engine.kv_usage == 0
 
 
-def test_step_costs_tile_the_wall_clock(make_engine):
+def test_step_costs_tile_the_timeline_and_follow_the_work(make_engine):
     """Adaptive γ compares step kinds by their cost: from the device starting on a step to it starting on the next.
     Those spans must tile the timeline whichever steps follow which (plain launched ahead, speculation launched ahead,
-    speculation after speculation, plain after speculation): a gap or an overlap would make one kind look cheaper."""
+    speculation after speculation, plain after speculation), and each must hold its own step's work: a step of four
+    drafts and a five-token verification costs several plain steps, also when it was launched ahead (on the CPU a step
+    runs as it is launched, so a clock that started a step launched ahead when the one before it was read gave it
+    almost nothing and the step before it its whole cost)."""
     engine = make_engine(spec=SpecConfig(drafter="specattn", gamma=4, adaptive=True, budget_ratio=0.1, min_budget=6))
     tok = engine.tokenizer
     script = iter([0, 0, 4, 4, 0, 0, 2, 0, 3, 3, 0] * 40)
@@ -135,6 +139,8 @@ def test_step_costs_tile_the_wall_clock(make_engine):
     assert len(spans) > 20 and {g for *_, g in spans} >= {0, 2, 3, 4}
     for (_, end, _), (start, _, _) in itertools.pairwise(spans):
         assert end == start, "a step's span must end where the next one's begins"
+    cost = {g: [end - start for start, end, gamma in spans if gamma == g] for g in (0, 4)}
+    assert min(cost[4]) > 1.5 * statistics.median(cost[0]), cost
 
 
 def test_a_request_the_budget_left_out_is_not_starved(make_engine):

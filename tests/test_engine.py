@@ -109,12 +109,14 @@ def test_abort_frees_pages_and_leaves_others_unaffected(engine, alone):
 
 def test_a_step_left_in_flight_by_aborts_does_not_time_the_idle_engine(make_engine):
     """With every request aborted, the engine idles with the next step still queued; when work returns, that
-    step is accepted (all rows dropped) — its launch-to-accept time, idle included, must not reach adaptive γ."""
+    step is accepted (all rows dropped) — the idle time must reach no step cost adaptive γ reads; nor the idle time
+    of an engine that ran out of work."""
     engine = make_engine(spec=SpecConfig(drafter="streaming", gamma=2, adaptive=True, budget_ratio=0.1, min_budget=6))
     tok = engine.tokenizer
     recorded = []
     original = engine.gamma_controller.record_step_time
     engine.gamma_controller.record_step_time = lambda *a: (recorded.append(a), original(*a))
+    engine.clock = clock = _CountingClock()  # a second per mark: any idle hour shows
     for i, prompt in enumerate(PROMPTS[:2]):
         engine.add_request(f"r{i}", tok.encode(prompt), GREEDY)
     for _ in range(4):
@@ -123,11 +125,35 @@ def test_a_step_left_in_flight_by_aborts_does_not_time_the_idle_engine(make_engi
     for i in range(2):
         engine.abort_request(f"r{i}")
     assert not engine.has_unfinished_requests() and engine._in_flight is not None
-    timed_before = len(recorded)
+    clock.now += 3600
     engine.add_request("r2", tok.encode(PROMPTS[2]), GREEDY)
-    engine.step()  # accepts the aborted requests' step, launches r2's prefill
-    assert len(recorded) == timed_before
+    for _ in range(4):
+        engine.step()  # accepts the aborted requests' step, then r2's prefill and decode steps
+    assert len(recorded) > 2 and all(seconds < 3600 for *_, seconds in recorded), recorded
     assert engine.kv_usage > 0 and engine.has_unfinished_requests()
+    # and an engine that ran out of work: its last step is followed by the next request's, an idle hour later
+    while engine.has_unfinished_requests():
+        engine.step()
+    timed = len(recorded)
+    clock.now += 3600
+    engine.add_request("r3", tok.encode(PROMPTS[3]), GREEDY)
+    for _ in range(4):
+        engine.step()
+    assert len(recorded) > timed and all(seconds < 3600 for *_, seconds in recorded), recorded
+
+
+class _CountingClock:
+    """A step clock whose marks are one second apart, plus whatever a test adds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def mark(self) -> float:
+        self.now += 1
+        return self.now
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
 
 
 def test_chunked_prefill_equals_one_shot(make_engine, alone):
