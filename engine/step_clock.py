@@ -17,6 +17,7 @@ StepMark = torch.cuda.Event | float
 
 class StepClock:
     def __init__(self, device: torch.device):
+        self._device = device
         self._cuda = device.type == "cuda"
 
     def mark(self) -> StepMark:
@@ -24,7 +25,7 @@ class StepClock:
         if not self._cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self._device))  # the stream the step's work is queued on
         return event
 
     def seconds(self, start: StepMark, end: StepMark) -> float:
