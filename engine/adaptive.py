@@ -48,8 +48,7 @@ class GammaController:
         self._step_time: dict[int, dict[int, float]] = {}  # bucket -> gamma -> seconds per decode step
         self._samples: dict[int, Counter[int]] = {}  # bucket -> gamma -> step times recorded
         self._remeasured_at: dict[int, int] = {}  # bucket -> step γ_max was last chosen to be measured again
-        # bucket -> (step, γ_max times recorded then) of γ_max's last choice for a first or second time
-        self._top_chosen: dict[int, tuple[int, int]] = {}
+        self._top_chosen_at: dict[int, int] = {}  # bucket -> step γ_max was chosen for its first time
         self._steps = 0
         self._probe_wait = _PROBE_EVERY
         self._next_probe = _PROBE_EVERY
@@ -81,17 +80,19 @@ class GammaController:
         samples = self._samples.get(_bucket(batch_size), Counter())
         # plain decoding, then γ_max, each timed twice before anything is read off them: the first step of a
         # bucket can carry one-off costs (allocations at a new size), and a run may be over before a remeasure.
-        # (γ_max's second time only where speculation could pay at all, were every draft accepted. A time arrives two
-        # steps after its step was chosen: meanwhile plain steps, not more γ_max ones, as the time may rule them out
-        # and a speculative step where it cannot pay costs several plain ones.)
+        # (γ_max's second time only where speculation could pay at all, were every draft accepted; so plain steps
+        # until the first time arrives, which may rule the second out: a speculative step where it cannot pay costs
+        # several plain ones.)
         if samples[0] < 2:
             return 0
         top, bucket = self.max_gamma, _bucket(batch_size)
-        if samples[top] == 0 or (samples[top] == 1 and (top + 1) / times[top] > 1 / times[0]):
-            chosen, timed = self._top_chosen.get(bucket, (-_SAMPLE_LAG - 1, -1))
-            if timed == samples[top] and self._steps - chosen <= _SAMPLE_LAG:
+        if samples[top] == 0:
+            chosen = self._top_chosen_at.get(bucket)
+            if chosen is not None and self._steps - chosen <= _SAMPLE_LAG:
                 return 0  # its time is on the way (chosen again if it never comes: a step with prefill is not timed)
-            self._top_chosen[bucket] = (self._steps, samples[top])
+            self._top_chosen_at[bucket] = self._steps
+            return top
+        if samples[top] == 1 and (top + 1) / times[top] > 1 / times[0]:
             return top
         cost = self._step_cost(times)
         rates = {g: self.expected_tokens(g) / cost(g) for g in range(1, self.max_gamma + 1)}

@@ -82,7 +82,6 @@ class LLMEngine:
         self._in_flight: _LaunchedStep | None = None  # queued on the device, its tokens not read yet
         self.clock = StepClock(self.model.device)
         self._untimed: _LaunchedStep | None = None  # accepted, its cost known once the step after it is read
-        self._accepted_gamma = 0  # drafts of the step accepted last
         self._arrivals = itertools.count()
         self._capture_graphs()
 
@@ -224,7 +223,6 @@ class LLMEngine:
         self._in_flight = ahead or self._launch()
         if self._in_flight is None:
             self._untimed = None  # nothing follows it: the next step's start would count the engine's idle time
-            self._accepted_gamma = 0
         return [self._emit(tracker, new_ids) for tracker, new_ids in committed]
 
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
@@ -376,12 +374,8 @@ class LLMEngine:
         for req, state in launched.new_drafts:
             if not req.finished:
                 req.draft = state
-        # Not timed: a step some of whose requests were aborted (it may have waited, launched, while the engine idled),
-        # and a plain step right after a speculative one: it could not be launched ahead, so it carries the switch
-        # (0.3-0.8 ms on a 1.2 ms step at one request), which would make plain decoding look dearer the more often
-        # speculation is tried.
-        after_speculation, self._accepted_gamma = self._accepted_gamma > 0, launched.gamma
-        if launched.timed_decodes and not dropped and (launched.gamma or not after_speculation):
+        # a step some of whose requests were aborted is not timed: it may have waited, launched, while the engine idled
+        if launched.timed_decodes and not dropped:
             self._untimed = launched
         return committed
 

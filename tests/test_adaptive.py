@@ -119,14 +119,3 @@ def test_speculation_that_cannot_pay_is_measured_once():
     reached, ctl = _simulate(cost, 0.97, steps=128, batch=1, lag=2)
     assert ctl.histogram[MAX_GAMMA] == 1 and ctl.histogram[0] == 127, ctl.histogram
     assert reached >= 0.99 / cost(0), reached
-
-
-def test_gamma_max_is_timed_twice_not_more_while_its_times_are_on_the_way():
-    """Speculation could pay here were every draft accepted (γ_max is timed a second time) but drafts are mostly
-    rejected: two γ_max steps, not one more for each step its time takes to arrive."""
-
-    def cost(gamma: int) -> float:
-        return 1.0 + (0.3 + 0.8 * gamma if gamma else 0.0)
-
-    _, ctl = _simulate(cost, 0.4, steps=30, batch=1, lag=2)
-    assert ctl.histogram[MAX_GAMMA] == 2 and ctl.histogram[0] == 28, ctl.histogram

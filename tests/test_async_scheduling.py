@@ -132,46 +132,15 @@ def test_step_costs_tile_the_timeline_and_follow_the_work(make_engine):
     tok = engine.tokenizer
     script = iter([0, 0, 4, 4, 0, 0, 2, 0, 3, 3, 0] * 40)
     engine.gamma_controller.choose = lambda batch_size: next(script)
-    spans, accepted = {}, []
-    accept, time_step = engine._accept, engine._time_step
-
-    def spy_accept(step):
-        accepted.append(step)
-        return accept(step)
-
-    engine._accept = spy_accept
-    engine._time_step = lambda step, end: (spans.__setitem__(id(step), (step.started, end, step.gamma)), time_step(step, end))
+    spans = []
+    original = engine._time_step
+    engine._time_step = lambda step, end: (spans.append((step.started, end, step.gamma)), original(step, end))
     engine.generate([tok.encode(p) for p in PROMPTS], replace(GREEDY, max_tokens=40))
-    assert len(spans) > 15 and {g for *_, g in spans.values()} >= {0, 2, 3, 4}
-    for step, after in itertools.pairwise(accepted):
-        if id(step) in spans:
-            assert spans[id(step)][1] == after.started, "a step's span must end where the next step begins"
-    cost = {g: [end - start for start, end, gamma in spans.values() if gamma == g] for g in (0, 4)}
+    assert len(spans) > 20 and {g for *_, g in spans} >= {0, 2, 3, 4}
+    for (_, end, _), (start, _, _) in itertools.pairwise(spans):
+        assert end == start, "a step's span must end where the next one's begins"
+    cost = {g: [end - start for start, end, gamma in spans if gamma == g] for g in (0, 4)}
     assert min(cost[4]) > 1.5 * statistics.median(cost[0]), cost
-
-
-def test_a_plain_step_right_after_speculation_is_not_timed(make_engine):
-    """It could not be queued before the speculative step was read, so its cost carries the switch back; taken as plain
-    decoding's, it made plain decoding look dearer the more often speculation was tried (on the H200 at one request
-    it lifted plain decoding's estimate from 1.23 to 1.38 ms, and adaptive γ timed γ_max a needless second time)."""
-    engine = make_engine(spec=SpecConfig(drafter="specattn", gamma=4, adaptive=True, budget_ratio=0.1, min_budget=6))
-    tok = engine.tokenizer
-    script = iter([0, 0, 4, 0, 0, 0, 2, 0, 0] * 40)
-    engine.gamma_controller.choose = lambda batch_size: next(script)
-    accepted, timed = [], set()
-    accept, time_step = engine._accept, engine._time_step
-
-    def spy_accept(step):
-        accepted.append(step)
-        return accept(step)
-
-    engine._accept = spy_accept
-    engine._time_step = lambda step, end: (timed.add(id(step)), time_step(step, end))
-    engine.generate([tok.encode(p) for p in PROMPTS], replace(GREEDY, max_tokens=40))
-    follows = [(prev.gamma, step) for prev, step in itertools.pairwise(accepted) if step.timed_decodes and not step.gamma]
-    assert any(g for g, _ in follows) and any(not g for g, _ in follows), "both kinds of plain step were meant to run"
-    assert all(id(step) not in timed for g, step in follows if g), "a plain step after a speculative one was timed"
-    assert sum(id(step) in timed for g, step in follows if not g) >= 10, "plain steps after plain ones are timed"
 
 
 def test_a_request_the_budget_left_out_is_not_starved(make_engine):
