@@ -31,7 +31,6 @@ _PROBE_EVERY = 32  # steps before the first probe of speculation while plain dec
 _PROBE_EVERY_MAX = 1024  # each probe that plain decoding still wins doubles the wait, up to this
 _MARGIN = 1.05  # speculation must promise this much more throughput than plain decoding
 _REMEASURE_EVERY = 64  # steps after which γ_max is chosen again while a shorter γ wins
-_SAMPLE_LAG = 2  # steps a choice's time takes to arrive (a step is timed once the step after it is read)
 
 
 def _bucket(batch_size: int) -> int:
@@ -48,7 +47,6 @@ class GammaController:
         self._step_time: dict[int, dict[int, float]] = {}  # bucket -> gamma -> seconds per decode step
         self._samples: dict[int, Counter[int]] = {}  # bucket -> gamma -> step times recorded
         self._remeasured_at: dict[int, int] = {}  # bucket -> step γ_max was last chosen to be measured again
-        self._top_chosen_at: dict[int, int] = {}  # bucket -> step γ_max was chosen for its first time
         self._steps = 0
         self._probe_wait = _PROBE_EVERY
         self._next_probe = _PROBE_EVERY
@@ -80,25 +78,18 @@ class GammaController:
         samples = self._samples.get(_bucket(batch_size), Counter())
         # plain decoding, then γ_max, each timed twice before anything is read off them: the first step of a
         # bucket can carry one-off costs (allocations at a new size), and a run may be over before a remeasure.
-        # (γ_max's second time only where speculation could pay at all, were every draft accepted; so plain steps
-        # until the first time arrives, which may rule the second out: a speculative step where it cannot pay costs
-        # several plain ones.)
+        # (γ_max's second time only where speculation could pay at all, were every draft accepted.)
         if samples[0] < 2:
             return 0
-        top, bucket = self.max_gamma, _bucket(batch_size)
-        if samples[top] == 0:
-            chosen = self._top_chosen_at.get(bucket)
-            if chosen is not None and self._steps - chosen <= _SAMPLE_LAG:
-                return 0  # its time is on the way (chosen again if it never comes: a step with prefill is not timed)
-            self._top_chosen_at[bucket] = self._steps
-            return top
-        if samples[top] == 1 and (top + 1) / times[top] > 1 / times[0]:
+        top = self.max_gamma
+        if samples[top] == 0 or (samples[top] == 1 and (top + 1) / times[top] > 1 / times[0]):
             return top
         cost = self._step_cost(times)
         rates = {g: self.expected_tokens(g) / cost(g) for g in range(1, self.max_gamma + 1)}
         best = max(rates, key=rates.get)
         if rates[best] > _MARGIN / times[0]:
             self._probe_wait = _PROBE_EVERY
+            bucket = _bucket(batch_size)
             if best < self.max_gamma and self._steps - self._remeasured_at.get(bucket, 0) >= _REMEASURE_EVERY:
                 # counted when chosen, not when timed: a step with prefill work is not timed
                 self._remeasured_at[bucket] = self._steps
