@@ -50,6 +50,8 @@ class Result:
     accepted_per_position: list[float] = field(default_factory=list)
     gamma_histogram: dict[int, int] = field(default_factory=dict)
     identical_to_none: int | None = None  # requests whose output equals plain decoding's, token for token
+    # decode tok/s of every run with --repeats (the row's figures are the run with the median of these)
+    decode_runs: list[float] = field(default_factory=list)
     note: str = ""
 
 
@@ -168,9 +170,15 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     # warm-up at the same batch size on short prompts: kernels compile (the engine captured its
                     # decode-phase CUDA graphs when it was built)
                     run_engine(engine, [p[:256] for p in prompts], 24, tqdm(disable=True))
-                    engine.reset_stats()
-                    outputs, timing = run_engine(engine, prompts, args.max_tokens, bar)
-                stats = engine.stats()
+                    runs = []
+                    for _ in range(args.repeats):
+                        engine.reset_stats()
+                        outputs, timing = run_engine(engine, prompts, args.max_tokens, bar)
+                        runs.append((timing.decode_tokens / timing.decode_seconds if timing.decode_seconds else 0.0,
+                                     outputs, timing, engine.stats()))
+                        bar.reset()
+                    # the median run by decode tok/s, the lower of two (machines drift: one fast or slow run should not be the figure)
+                    _, outputs, timing, stats = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
                 produced = sum(len(o) for o in outputs)
                 reference = outputs if name == "none" else reference
                 results.append(Result(
@@ -186,6 +194,7 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     identical_to_none=None if reference is None or name == "none" else sum(
                         o == r for o, r in zip(outputs, reference)
                     ),
+                    decode_runs=[round(r[0], 1) for r in runs] if len(runs) > 1 else [],
                 ))
                 del engine
 
@@ -216,6 +225,8 @@ def markdown_table(results: list[Result]) -> str:
 
     for r in results:
         decode = "" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}"
+        if r.decode_runs:
+            decode += f" ({min(r.decode_runs):.0f}–{max(r.decode_runs):.0f})"
         full = "" if r.full_batch_tokens_per_s is None else f"{r.full_batch_tokens_per_s:.1f}"
         fmt = lambda x: "" if x is None else f"{x:.3f}"
         same = "" if r.identical_to_none is None else f"{r.identical_to_none}/{r.requests}"
@@ -246,10 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gamma", type=int, default=SpecConfig.gamma)
     p.add_argument("--budget-ratio", type=float, default=SpecConfig.budget_ratio)
     p.add_argument("--min-budget", type=int, default=SpecConfig.min_budget)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per engine variant; a row shows the run with the median decode tok/s and their range")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prefill token budget per step (default 0: every prompt in the first step, so decoding runs at the full batch)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.workload == "longgen":
         args.contexts = [0]
     results = benchmark(args)

@@ -294,10 +294,16 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     doc.write_text(" ".join(f"Section {i}: the parser reads token {i * 7} and writes it to the table." for i in range(60)))
     out = tmp_path / "bench"
     assert main(["--device", "cpu", "--docs", str(doc), "--contexts", "160", "--batches", "2", "--max-tokens", "12",
-                 "--variants", "none,specattn:g3:k8", "--out", str(out)]) == 0
+                 "--variants", "none,specattn:g3:k8", "--repeats", "3", "--out", str(out)]) == 0
     results = {r["variant"]: r for r in json.loads(out.with_suffix(".json").read_text())["results"]}
     assert set(results) == {"none", "specattn:g3:k8"}
     spec = results["specattn:g3:k8"]
     assert spec["identical_to_none"] == 2 and spec["output_tokens"] == 24 and spec["acceptance_rate"] > 0
     assert all(r["full_batch_tokens_per_s"] and r["decode_tokens_per_s"] for r in results.values())
-    assert "| full-batch tok/s | full × none |" in out.with_suffix(".md").read_text()
+    # three timed runs each; the row is the median one
+    for r in results.values():
+        assert len(r["decode_runs"]) == 3 and r["decode_tokens_per_s"] == sorted(r["decode_runs"])[1]
+    md = out.with_suffix(".md").read_text()
+    assert "| full-batch tok/s | full × none |" in md
+    low, high = min(spec["decode_runs"]), max(spec["decode_runs"])
+    assert f"({low:.0f}–{high:.0f})" in md
