@@ -100,6 +100,10 @@ class Timing:
     full_batch_seconds: float
     full_batch_tokens: int
 
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else None
+
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, progress: tqdm) -> tuple[list[list[int]], Timing]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -174,8 +178,7 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     for _ in range(args.repeats):
                         engine.reset_stats()
                         outputs, timing = run_engine(engine, prompts, args.max_tokens, bar)
-                        runs.append((timing.decode_tokens / timing.decode_seconds if timing.decode_seconds else 0.0,
-                                     outputs, timing, engine.stats()))
+                        runs.append((timing.decode_tokens_per_s or 0.0, outputs, timing, engine.stats()))
                         bar.reset()
                     # the median run by decode tok/s, the lower of two (machines drift: one fast or slow run should not be the figure)
                     _, outputs, timing, stats = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
@@ -184,7 +187,7 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                 results.append(Result(
                     variant=name, context=context, batch=batch, requests=len(prompts), output_tokens=produced,
                     seconds=round(timing.seconds, 3), tokens_per_s=round(produced / timing.seconds, 1),
-                    decode_tokens_per_s=round(timing.decode_tokens / timing.decode_seconds, 1) if timing.decode_seconds else None,
+                    decode_tokens_per_s=None if timing.decode_tokens_per_s is None else round(timing.decode_tokens_per_s, 1),
                     full_batch_tokens_per_s=round(timing.full_batch_tokens / timing.full_batch_seconds, 1)
                     if timing.full_batch_seconds > 0 else None,
                     acceptance_rate=round(stats.spec.acceptance_rate, 4) if stats.spec.num_drafts else None,
