@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def accept_drafts(draft: list[int], target: list[int]) -> list[int]:
     """The longest prefix of the draft the target agrees with, then the target's own next token.
@@ -14,3 +16,10 @@ def accept_drafts(draft: list[int], target: list[int]) -> list[int]:
     while n < len(draft) and draft[n] == target[n]:
         n += 1
     return draft[:n] + [target[n]]
+
+
+def accept_drafts_on_device(drafts: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accept_drafts` for a batch, without leaving the device: drafts [n, γ], targets [n, γ + 1] → per row the
+    number of drafts accepted and the target's token after them (what the next step starts from)."""
+    accepted = (drafts == targets[:, :-1]).cumprod(dim=1).sum(dim=1)
+    return accepted, targets.gather(1, accepted[:, None])[:, 0]

@@ -121,10 +121,10 @@ class AttentionBackend(Protocol):
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this layer's new K/V into the cache and return the attention output."""
 
-    def next_draft(self) -> None:
-        """Move every sequence of a planned draft step one position on: the next draft of a chain attends one
-        more recent slot and writes its K/V one slot further. Device work only: a chain replays one draft graph
-        without planning again."""
+    def next_draft(self, by: torch.Tensor | None = None) -> None:
+        """Move every sequence of a planned draft step one position on (or by[i] positions, a device tensor): the
+        next draft of a chain attends one more recent slot and writes its K/V one slot further. Device work only: a
+        chain replays one draft graph without planning again, and a chain can start at positions still on the device."""
 
     def take_scores(self) -> ScoreBatch | None:
         """Scores the last forward extracted, for the sequences that asked."""
@@ -219,10 +219,11 @@ class TorchAttentionBackend:
         self._drafts = seqs if all(s.sparse is not None for s in seqs) else []
         return None
 
-    def next_draft(self) -> None:
-        # the reference re-plans on the host (it never runs as a CUDA graph)
+    def next_draft(self, by: torch.Tensor | None = None) -> None:
+        # the reference re-plans on the host (it never runs as a CUDA graph; reading `by` waits for the device)
         assert self._drafts, "next_draft() needs a planned draft step"
-        self.plan([replace(s, start_pos=s.start_pos + 1) for s in self._drafts])
+        steps = [1] * len(self._drafts) if by is None else by.tolist()
+        self.plan([replace(s, start_pos=s.start_pos + n) for s, n in zip(self._drafts, steps)])
 
     @staticmethod
     def _page_tables(seqs: list[SequenceAttention]) -> torch.Tensor:

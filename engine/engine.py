@@ -6,11 +6,12 @@ import copy
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from specattn.kernels.reference import token_budget
 
-from .acceptance import accept_drafts
+from .acceptance import accept_drafts, accept_drafts_on_device
 from .adaptive import GammaController
 from .attention import AttentionBackend, ScoreBatch, SparseKV, TorchAttentionBackend
 from .config import EngineConfig
@@ -61,6 +62,19 @@ class _LaunchedStep:
     # set when a step with sampling requests had a step launched ahead behind it: the token each chunk chose, on the
     # device, which that step took as its input (accepting this step commits exactly these)
     chosen: torch.Tensor | None = None
+    drafts: torch.Tensor | None = None  # [drafting requests, γ] the drafts it verifies, on the device (rows: `drafted`)
+
+
+@dataclass
+class _DraftsAhead:
+    """The next step's draft chain, queued before the verification that decides where it starts was read: the
+    verification is planned after the read (its lengths are host values), the drafts are ready by then."""
+
+    gamma: int  # chosen for the next step; 0: nothing was drafted (the choice still stands)
+    rows: dict[str, int]  # request id -> its row of `drafts`
+    drafts: torch.Tensor | None  # [requests, γ] on the device
+    started: StepMark
+    graphs_before: int
 
 
 class LLMEngine:
@@ -211,16 +225,22 @@ class LLMEngine:
 
         After a plain decode step (every request one new token) the next step is known but for those tokens, which
         are on the device (sampled ones chosen there too): it is queued before this step is even read (vLLM's async
-        scheduling), so the GPU does not wait for the host between the two. A request this step finishes wastes its
-        row of the next."""
+        scheduling), so the GPU does not wait for the host between the two. After any other greedy step (a
+        verification, or one with prefill) the next step's draft chain is queued before the read, starting where
+        the device finds each verification's accepted drafts end; the verification after it is planned once the
+        step is read, while the GPU drafts. A request this step finishes wastes its row of the next."""
         launched = self._in_flight or self._launch()
         self._in_flight = None
         if launched is None:
             return []
-        ahead = self._launch_ahead(launched) if self.config.scheduler.async_scheduling else None
+        ahead = drafts_ahead = None
+        if self.config.scheduler.async_scheduling:
+            ahead = self._launch_ahead(launched)
+            if ahead is None:
+                drafts_ahead = self._draft_ahead(launched)
         committed = self._accept(launched)
         del launched  # its logits (every row, float32) need not stay alive next to the next step's
-        self._in_flight = ahead or self._launch()
+        self._in_flight = ahead or self._launch(drafts_ahead=drafts_ahead)
         if self._in_flight is None:
             self._untimed = None  # nothing follows it: the next step's start would count the engine's idle time
         return [self._emit(tracker, new_ids) for tracker, new_ids in committed]
@@ -265,13 +285,82 @@ class LLMEngine:
         tokens = chosen[to_device([i for i, _ in going_on], chosen.device)]
         return self._launch([ScheduledChunk(c.request, c.start + 1, 1) for _, c in going_on], tokens)
 
-    def _launch(self, chunks: list[ScheduledChunk] | None = None, on_device: torch.Tensor | None = None) -> _LaunchedStep | None:
+    def _draft_ahead(self, launched: _LaunchedStep) -> _DraftsAhead | None:
+        """Choose the next step's γ and queue its draft chain before `launched` is read, for every request `launched`
+        leaves decoding with a draft context. Where a request's chain starts (after the drafts the verification
+        accepts) and its first token (the one chosen there) are found on the device by the host's acceptance rule;
+        pages are grown for any count. Greedy steps only: sampled drafts are chosen on the host."""
+        if not all(c.request.params.greedy for c in launched.chunks):
+            return None
+        lookahead, g = self.config.spec.max_gamma, launched.gamma
+        room = self.max_context - lookahead
+        renewed = {id(req) for req, _ in launched.new_drafts}
+        # (chunk index, chunk, most drafts it can accept): its next step starts 1 to that + 1 positions on; one
+        # ending now (a stop, EOS) wastes its row
+        going_on = []
+        for i, c in enumerate(launched.chunks):
+            req = c.request
+            most = g if req.request_id in launched.drafted else 0
+            if (c.completes_sequence and not req.finished and (req.draft is not None or id(req) in renewed)
+                    and len(req.output_ids) + 1 < req.params.max_tokens and c.start + c.num_tokens + most < room):
+                going_on.append((i, c, most))
+        # the next verification's positions, at most: its start, then up to `lookahead` drafts
+        ends = [c.start + c.num_tokens + most + 1 + lookahead for _, c, most in going_on]
+        allocator = self.cache.allocator
+        need = sum(allocator.pages_needed(c.request.page_table, end) for (_, c, _), end in zip(going_on, ends))
+        if not going_on or need > allocator.num_free:
+            return None
+        started, graphs_before = self.clock.mark(), len(self.runner.graph_shapes)
+        gamma = self.gamma_controller.choose(len(going_on))
+        if not gamma:
+            return _DraftsAhead(0, {}, None, started, graphs_before)
+        for (_, c, _), end in zip(going_on, ends):
+            allocator.grow(c.request.page_table, end)
+        # the selections this step renews are what the chains read (queued on the device before them)
+        for req, state in launched.new_drafts:
+            if not req.finished:
+                req.draft = state
+        accepted, first = self._accept_on_device(launched, [(i, most) for i, _, most in going_on])
+        ps = self.cache.page_size
+        seqs = [
+            # planned at the earliest start; the recent slots reach the latest chain's last draft
+            SequenceInput([0], c.start + c.num_tokens, c.request.page_table, 1,
+                          sparse=c.request.draft.attended(c.start + c.num_tokens + most + gamma - 1, c.request.page_table, ps))
+            for _, c, most in going_on
+        ]
+        drafts = self.runner.run_drafts(seqs, gamma, None, first, accepted)
+        return _DraftsAhead(gamma, {c.request.request_id: j for j, (_, c, _) in enumerate(going_on)}, drafts, started, graphs_before)
+
+    @staticmethod
+    def _accept_on_device(launched: _LaunchedStep, chunks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy acceptance of these (chunk index, drafts) of `launched`, on the device: per chunk how many drafts
+        its verification accepts and the token it chooses after them (a chunk without drafts: its one token)."""
+        g, dev = launched.gamma, launched.result.argmax.device
+        row_start = np.cumsum([0] + launched.result.sizes)
+        rows = [[row_start[i] + min(j, most) for j in range(g + 1)] for i, most in chunks]
+        targets = launched.result.argmax[to_device(rows, dev)]
+        drafts = torch.full((len(chunks), g), -1, dtype=targets.dtype, device=dev)  # -1: no token agrees
+        drafting = [k for k, (_, most) in enumerate(chunks) if most]
+        if drafting:
+            own = [launched.drafted[launched.chunks[chunks[k][0]].request.request_id] for k in drafting]
+            drafts[to_device(drafting, dev)] = launched.drafts[to_device(own, dev)]
+        return accept_drafts_on_device(drafts, targets)
+
+    def _launch(
+        self, chunks: list[ScheduledChunk] | None = None, on_device: torch.Tensor | None = None,
+        drafts_ahead: _DraftsAhead | None = None,
+    ) -> _LaunchedStep | None:
         """Schedule a step and queue it on the device: draft ×γ for decoding requests, then one verification/prefill
         forward, then the new selections. Nothing here waits for the device (except drafts of sampling requests,
         chosen on the host).
 
-        chunks, on_device: a step launched ahead: one-token decodes whose tokens are on the device, in that order."""
-        started, graphs_before = self.clock.mark(), len(self.runner.graph_shapes)
+        chunks, on_device: a step launched ahead: one-token decodes whose tokens are on the device, in that order.
+        drafts_ahead: this step's γ and draft chain, queued before the step before was read: its requests verify
+        those drafts, any other decodes plainly."""
+        if drafts_ahead is not None:
+            started, graphs_before = drafts_ahead.started, drafts_ahead.graphs_before
+        else:
+            started, graphs_before = self.clock.mark(), len(self.runner.graph_shapes)
         drafting = self.drafter is not None
         if chunks is None:
             chunks = self.scheduler.schedule(lookahead=self.config.spec.max_gamma if drafting else 0)
@@ -283,7 +372,12 @@ class LLMEngine:
             c for c in chunks
             if c.num_tokens == 1 and c.completes_sequence and c.request.draft is not None and c.start < room
         ]
-        gamma = self.gamma_controller.choose(len(decodes)) if decodes else 0
+        if drafts_ahead is not None and drafts_ahead.gamma:
+            decodes = [c for c in decodes if c.request.request_id in drafts_ahead.rows]
+        if not decodes:
+            gamma = 0
+        else:
+            gamma = drafts_ahead.gamma if drafts_ahead is not None else self.gamma_controller.choose(len(decodes))
         drafted = {c.request.request_id: j for j, c in enumerate(decodes)} if gamma else {}
         # a step launched ahead: every chunk's token is on the device, row i of on_device (drafts start from theirs)
         draft_rows = [drafted.get(c.request.request_id) for c in chunks]
@@ -291,7 +385,10 @@ class LLMEngine:
         if on_device is not None and gamma:
             first = on_device[to_device([i for i, j in enumerate(draft_rows) if j is not None], on_device.device)]
         # the drafts stay on the device: the verification reads them there, queued right behind the draft chain
-        drafts = self._draft(decodes, gamma, first) if gamma else None
+        if gamma and drafts_ahead is not None:
+            drafts = drafts_ahead.drafts[to_device([drafts_ahead.rows[c.request.request_id] for c in decodes], self.model.device)]
+        else:
+            drafts = self._draft(decodes, gamma, first) if gamma else None
 
         seqs, refreshed = [], []
         for i, c in enumerate(chunks):
@@ -325,7 +422,8 @@ class LLMEngine:
         new_drafts = self._new_draft_states(refreshed, result.scores)
         # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
         timed = bool(decodes) and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before
-        return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started)
+        return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started,
+                             drafts=drafts)
 
     def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int]]]:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,

@@ -396,10 +396,13 @@ class FlashInferAttentionBackend:
         self._plan = plan
         return shape
 
-    def next_draft(self) -> None:
+    def next_draft(self, by: torch.Tensor | None = None) -> None:
         plan = self._plan
         assert isinstance(plan, _DraftPlan), "next_draft() needs a planned draft step"
-        plan.counts += 1
+        if by is None:
+            plan.counts += 1
+        else:
+            plan.counts[: len(by)] += by.to(torch.int32)
         plan.update_write_slots()
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ class ModelRunner:
             return self._run(seqs, on_device, drafts)
 
     def run_drafts(
-        self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None, first: torch.Tensor | None = None
+        self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None, first: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`num_drafts` chained draft forwards (each sequence one token, sparse): draft j's input is draft j−1's token.
         Returns the tokens [sequences, num_drafts] on the model's device.
@@ -100,16 +101,21 @@ class ModelRunner:
         choose None: greedy, the chain stays on the device (γ replays of one CUDA graph when the batch fits one)
         and nothing waits for it: the verification queues behind it; otherwise choose(j, logits) picks each draft's tokens on the host.
         first: [sequences] device tokens for the first draft's inputs in place of the sequences' token_ids (greedy only).
+        shift: [sequences] device counts: each chain starts this many positions after its sequence's start_pos (drafts
+        queued before the verification that decides their start is read; the recent slots cover every start), greedy only.
         """
         with self._on_device():
-            return self._run_drafts(seqs, num_drafts, choose, first)
+            return self._run_drafts(seqs, num_drafts, choose, first, shift)
 
     def _run_drafts(
-        self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None, first: torch.Tensor | None
+        self, seqs: list[SequenceInput], num_drafts: int, choose: DraftChooser | None, first: torch.Tensor | None,
+        shift: torch.Tensor | None,
     ) -> torch.Tensor:
         assert all(s.sparse is not None and len(s.token_ids) == 1 for s in seqs)
-        assert first is None or choose is None, "first tokens on the device are for greedy chains"
+        assert (first is None and shift is None) or choose is None, "tokens and starts on the device are for greedy chains"
         shape = self._plan(seqs)
+        if shift is not None:
+            self.backend.next_draft(shift)
         dev, n = self.model.device, len(seqs)
         ids = [s.token_ids[0] for s in seqs]
         positions = [s.start_pos for s in seqs]
@@ -119,9 +125,10 @@ class ModelRunner:
         if choose is None:
             if shape is None:
                 input_ids = first if first is not None else torch.tensor(ids).to(dev, non_blocking=True)
-                tokens = self._draft_chain(input_ids, torch.tensor(positions).to(dev, non_blocking=True), num_drafts)
+                start = torch.tensor(positions).to(dev, non_blocking=True)
+                tokens = self._draft_chain(input_ids, start if shift is None else start + shift, num_drafts)
             else:
-                tokens = self._replay_chain(shape, seqs, ids, positions, num_drafts, first)
+                tokens = self._replay_chain(shape, seqs, ids, positions, num_drafts, first, shift)
             return tokens[:n]
         drafts: list[list[int]] = [[] for _ in seqs]
         for j in range(num_drafts):
@@ -136,14 +143,14 @@ class ModelRunner:
 
     def _replay_chain(
         self, shape: GraphShape, seqs: list[SequenceInput], ids: list[int], positions: list[int], num_drafts: int,
-        first: torch.Tensor | None,
+        first: torch.Tensor | None, shift: torch.Tensor | None,
     ) -> torch.Tensor:
         """The draft chain as `num_drafts` replays of one draft forward's graph, each fed the one before's tokens
         on the device. One launch per draft: the GPU starts the first while the host launches the rest (a graph
         of the whole chain kept the GPU idle for its whole launch, ~0.7 ms per draft at 30 layers).
         The tokens land outside the graphs' shared memory pool, which the verification's graph reuses."""
         on_device = None if first is None else (torch.arange(len(first), device=first.device), first)
-        step = self._replay(shape, seqs, ids, positions, on_device)
+        step = self._replay(shape, seqs, ids, positions, on_device, shift)
         tokens = torch.empty(shape.batch, num_drafts, dtype=torch.long, device=self.model.device)
         tokens[:, 0] = step.argmax
         for j in range(1, num_drafts):
@@ -181,15 +188,18 @@ class ModelRunner:
 
     def _replay(
         self, shape: GraphShape, seqs: list[SequenceInput], ids: list[int], positions: list[int],
-        on_device: tuple[torch.Tensor, torch.Tensor] | None = None,
+        on_device: tuple[torch.Tensor, torch.Tensor] | None = None, shift: torch.Tensor | None = None,
     ) -> _CapturedStep:
         """Run the graph of this planned shape (capturing it if it is new) on these padded inputs
-        (on_device: flat token indices and device tokens to write over placeholder ids)."""
+        (on_device: flat token indices and device tokens to write over placeholder ids; shift: device offsets of the
+        first positions, one per token)."""
         step = self._graphs.get(shape) or self._capture(shape, ids, positions, seqs)
         step.input_ids.copy_(torch.tensor(ids), non_blocking=True)
         if on_device is not None:
             step.input_ids[on_device[0]] = on_device[1]
         step.positions.copy_(torch.tensor(positions), non_blocking=True)
+        if shift is not None:
+            step.positions[: len(shift)] += shift
         step.graph.replay()
         return step
 

@@ -121,6 +121,34 @@ def test_speculation_launched_ahead_after_plain_steps_stays_lossless(make_engine
     assert engine.kv_usage == 0
 
 
+def _per_request_acceptance(engine, requests) -> tuple[list, list[list[int]]]:
+    """Run greedy requests together; their outputs, and per request how many drafts each verification accepted."""
+    accepted = []
+    original = engine.spec_stats.record
+    engine.spec_stats.record = lambda gamma, n: (accepted.append(n), original(gamma, n))
+    outputs = _run(engine, requests)
+    return outputs, accepted
+
+
+@pytest.mark.parametrize("drafter", ["streaming", "specattn"])
+def test_drafts_queued_before_the_verification_is_read_are_the_drafts_read_after(make_engine, requests, sync_outputs, drafter):
+    """After a speculative step the next draft chain is queued before the verification is read: where each chain
+    starts and its first token are decided on the device. Outputs stay exact, and the drafts are the ones an engine
+    that reads first makes (a chain at a wrong position or with a wrong first token would be rejected more or less
+    often): the same count accepted at every verification, in the same order."""
+    spec = SpecConfig(drafter=drafter, gamma=4, adaptive=False, budget_ratio=0.1, min_budget=6)
+    engine = make_engine(spec=spec)
+    chains = []
+    original = engine._draft_ahead
+    engine._draft_ahead = lambda step: (chains.append(ahead := original(step)), ahead)[1]
+    got, accepted = _per_request_acceptance(engine, requests)
+    expected, expected_accepted = _per_request_acceptance(make_engine(spec=spec, async_scheduling=False), requests)
+    assert got == expected == sync_outputs
+    assert accepted == expected_accepted and 0 < sum(accepted) < 4 * len(accepted)
+    assert sum(c is not None and c.gamma == 4 for c in chains) > 10, "draft chains were meant to be queued ahead"
+    assert engine.kv_usage == 0
+
+
 def test_step_costs_tile_the_timeline_and_follow_the_work(make_engine):
     """Adaptive γ compares step kinds by their cost: from the device starting on a step to it starting on the next.
     Those spans must tile the timeline whichever steps follow which (plain launched ahead, speculation launched ahead,

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from specattn.engine.acceptance import accept_drafts
+from specattn.engine.acceptance import accept_drafts, accept_drafts_on_device
 from specattn.engine.config import SpecConfig
 from specattn.engine.runner import SequenceInput
 from specattn.engine.sampling import SamplingParams, probabilities, sample_rows
@@ -102,6 +102,22 @@ def _chi_square(counts: Counter, probs: dict, n: int) -> tuple[float, int]:
     else:
         assert pooled_obs <= max(5, 3 * pooled_exp), "outcomes outside the target's support"
     return stat, bins - 1
+
+
+def test_acceptance_on_the_device_is_the_hosts():
+    """The next step's start and first token, decided on the device before the host reads the verification, are
+    what the host's acceptance commits: every agreement pattern of γ = 4 drafts, and random ones."""
+    gen = torch.Generator().manual_seed(0)
+    drafts = torch.randint(0, 3, (400, 4), generator=gen)
+    targets = torch.randint(0, 3, (400, 5), generator=gen)
+    for n in range(5):  # exactly n drafts agree, then (where there is one) a disagreement
+        drafts[n] = torch.arange(4)
+        targets[n] = torch.tensor([0, 1, 2, 3, 9])
+        targets[n, n] = 7 if n < 4 else 9
+    accepted, first = accept_drafts_on_device(drafts, targets)
+    for d, t, a, f in zip(drafts.tolist(), targets.tolist(), accepted.tolist(), first.tolist()):
+        assert accept_drafts(d, t) == d[:a] + [f]
+    assert accepted[:5].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_seeded_choice_is_an_exact_sample_of_the_target():
