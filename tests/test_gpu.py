@@ -115,6 +115,24 @@ def test_gpu_flashinfer_speculation_matches_plain_decoding(make_engine, document
     _same_or_near_tie(reference, prompts, plain, adaptive.generate(prompts, params), "adaptive specattn vs plain")
 
 
+def test_gpu_drafts_queued_before_the_read_are_the_drafts_read_after(make_engine, documents):
+    """The draft chain after a verification is queued before the verification is read, each chain's start moved on
+    the device (a graph's positions, the draft plan's recent counts): graphed and eager, its outputs are plain
+    decoding's and its drafts are accepted as often as those of an engine that reads every step first."""
+    prompts, params, reference, plain = documents.prompts, documents.params, documents.reference, documents.plain
+    rates = {}
+    for label, kw in {"ahead": {}, "ahead eager": dict(enforce_eager=True), "read first": dict(async_scheduling=False)}.items():
+        engine = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), **kw, **FLASHINFER)
+        chains = []
+        original = engine._draft_ahead
+        engine._draft_ahead = lambda step, original=original, chains=chains: (chains.append(c := original(step)), c)[1]
+        _same_or_near_tie(reference, prompts, plain, engine.generate(prompts, params), f"specattn, drafts {label}")
+        rates[label] = engine.stats().spec.acceptance_rate
+        assert (sum(c is not None and c.gamma > 0 for c in chains) > 20) == (label != "read first"), label
+    print(rates)
+    assert abs(rates["ahead"] - rates["read first"]) < 0.02 and abs(rates["ahead eager"] - rates["read first"]) < 0.02, rates
+
+
 def test_gpu_triton_attention_matches_plain_decoding(make_engine, documents, monkeypatch):
     """Our Triton attention kernel (forced at every batch size) for plain decoding and for SpecAttn's verification,
     which keeps the scores in its pass: plain decoding's tokens, and the acceptance of FlashInfer + the separate
