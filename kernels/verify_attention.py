@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specattn.kernels.paging import paged_slots
+from specattn.kernels.paging import page_runs, paged_slots
 
 # tl.dot needs tiles of at least 16 rows
 _MIN_ROW_TILE = 16
@@ -84,8 +84,10 @@ def _verify_attention_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     kv_len = tl.load(kv_lens_ptr + seq)
+    kv_pages = tl.cdiv(kv_len, PAGE_SIZE)
     page_start = tl.load(page_indptr_ptr + seq)
     offs_d = tl.arange(0, HEAD_DIM)
+    num_slots = tl.multiple_of(num_slots, PAGE_SIZE)  # whole pages: a row of the scratch starts page-aligned
 
     # tile row r: query q_idx = r // GROUP, head kv_head · GROUP + r % GROUP
     offs_r = tl.arange(0, ROW_TILE)
@@ -105,6 +107,7 @@ def _verify_attention_kernel(
         # the scored rows are rows of this tile: those of query `first` go to scratch rows 0 … GROUP − 1, those of
         # `second` to GROUP … 2 · GROUP − 1 (a row scored twice is stored once, as `first`)
         score_len = tl.load(score_lens_ptr + seq)
+        score_pages = tl.cdiv(score_len, PAGE_SIZE)
         first = tl.load(score_rows_ptr + seq * 2)
         second = tl.load(score_rows_ptr + seq * 2 + 1)
         is_scored = r_valid & ((q_idx == first) | (q_idx == second))
@@ -113,7 +116,9 @@ def _verify_attention_kernel(
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_len
-        slot = paged_slots(page_indices_ptr, page_start, offs_n, n_valid, PAGE_SIZE)
+        # every slot of the sequence's last page is its own, also past kv_len: runs of PAGE_SIZE slots
+        slot = page_runs(paged_slots(page_indices_ptr, page_start, offs_n, offs_n // PAGE_SIZE < kv_pages, PAGE_SIZE),
+                         PAGE_SIZE)
         k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
                     mask=n_valid[:, None], other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -128,8 +133,11 @@ def _verify_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
         if SCORING:
-            # no branch on score_len here: control flow in the loop costs the software pipelining of the K/V loads
-            tl.store(scratch_rows[:, None] + slot[None, :], logits, mask=is_scored[:, None] & (offs_n < score_len)[None, :])
+            # no branch on score_len here: control flow in the loop costs the software pipelining of the K/V loads.
+            # Whole pages are stored (the scored span's last page past its end too, never read): a mask that is
+            # constant over each page lets the stores go out as vectors, not one 4-byte store per cell
+            tl.store(scratch_rows[:, None] + slot[None, :], logits,
+                     mask=is_scored[:, None] & (offs_n // PAGE_SIZE < score_pages)[None, :])
 
     out = acc / denom[:, None]
     tl.store(out_ptr + (tokens[:, None] * tl.num_programs(1) * GROUP + heads[:, None]) * HEAD_DIM + offs_d[None, :],
@@ -167,7 +175,9 @@ def _slot_weights_kernel(
     kv_head = tl.program_id(1)
     chunk = tl.program_id(2)
     score_len = tl.load(score_lens_ptr + seq)
+    score_pages = tl.cdiv(score_len, PAGE_SIZE)
     page_start = tl.load(page_indptr_ptr + seq)
+    num_slots = tl.multiple_of(num_slots, PAGE_SIZE)
     first = tl.load(score_rows_ptr + seq * 2)
     second = tl.load(score_rows_ptr + seq * 2 + 1)
     offs_w = tl.arange(0, WEIGHT_ROWS)
@@ -178,8 +188,10 @@ def _slot_weights_kernel(
     w_lse = tl.load(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + offs_w, mask=w_valid, other=0.0)
     for start in range(chunk * WEIGHT_BLOCK, score_len, tl.num_programs(2) * WEIGHT_BLOCK):
         offs_n = start + tl.arange(0, WEIGHT_BLOCK)
-        n_valid = offs_n < score_len
-        slot = paged_slots(page_indices_ptr, page_start, offs_n, n_valid, PAGE_SIZE)
+        # whole pages, as the attention kernel stored them (vector loads and stores): the weights past the scored
+        # span in its last page land in the sequence's own slots, which nothing reads
+        n_valid = offs_n // PAGE_SIZE < score_pages
+        slot = page_runs(paged_slots(page_indices_ptr, page_start, offs_n, n_valid, PAGE_SIZE), PAGE_SIZE)
         # past a row's own position the stored logit is the attention tile's -inf: no causal mask needed here
         s_logits = tl.load(weight_rows[:, None] + slot[None, :], mask=w_valid[:, None] & n_valid[None, :],
                            other=float("-inf"))
@@ -217,6 +229,7 @@ def verify_attention(
     num_seqs = tokens // q_len
     assert tokens == num_seqs * q_len and heads == group * kv_heads, "q_len queries per sequence, GQA groups"
     assert head_dim == triton.next_power_of_2(head_dim) and q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    assert block_n % page_size == 0 and weight_block % page_size == 0 and k_cache.shape[0] % page_size == 0, "whole pages"
     out = torch.empty(tokens, heads, head_dim, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
