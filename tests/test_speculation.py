@@ -47,9 +47,15 @@ def test_greedy_staggered_batch_equals_plain(make_engine, prompt_ids, plain_outp
 
 @pytest.mark.parametrize("drafter", ["streaming", "specattn"])
 def test_greedy_with_preemption_equals_plain(make_engine, prompt_ids, plain_outputs, drafter):
+    """A pool small enough to preempt, with draft chains queued before each verification is read (pages grown
+    for any acceptance first): outputs exact, every page back."""
     engine = make_engine(num_pages=28, page_size=4, max_num_batched_tokens=64, spec=SpecConfig(drafter=drafter, **SPARSE))
+    chains = []
+    original = engine._draft_ahead
+    engine._draft_ahead = lambda step: (chains.append(ahead := original(step)), ahead)[1]
     assert _run_staggered(engine, prompt_ids) == plain_outputs
     assert engine.stats().num_preemptions > 0
+    assert sum(c is not None and c.gamma > 0 for c in chains) > 5, "draft chains were meant to be queued ahead"
     assert engine.kv_usage == 0
 
 
