@@ -73,7 +73,9 @@ class _DraftsAhead:
     gamma: int  # chosen for the next step; 0: nothing was drafted (the choice still stands)
     rows: dict[str, int]  # request id -> its row of `drafts`
     drafts: torch.Tensor | None  # [requests, γ] on the device
-    started: StepMark
+    # the next step's start, before its chain (None when nothing was queued: the step starts when it is launched,
+    # and the device's wait for the host's read counts to the step before, as after any step read first)
+    started: StepMark | None
     graphs_before: int
 
 
@@ -308,12 +310,13 @@ class LLMEngine:
         ends = [c.start + c.num_tokens + most + 1 + lookahead for _, c, most in going_on]
         allocator = self.cache.allocator
         need = sum(allocator.pages_needed(c.request.page_table, end) for (_, c, _), end in zip(going_on, ends))
-        if not going_on or need > allocator.num_free:
+        # as for a step launched ahead: a batch over the token budget is one the scheduler would cut
+        if not going_on or need > allocator.num_free or len(going_on) * (1 + lookahead) > self.scheduler.config.max_num_batched_tokens:
             return None
-        started, graphs_before = self.clock.mark(), len(self.runner.graph_shapes)
         gamma = self.gamma_controller.choose(len(going_on))
         if not gamma:
-            return _DraftsAhead(0, {}, None, started, graphs_before)
+            return _DraftsAhead(0, {}, None, None, 0)
+        started, graphs_before = self.clock.mark(), len(self.runner.graph_shapes)
         for (_, c, _), end in zip(going_on, ends):
             allocator.grow(c.request.page_table, end)
         # the selections this step renews are what the chains read (queued on the device before them)
@@ -357,7 +360,7 @@ class LLMEngine:
         chunks, on_device: a step launched ahead: one-token decodes whose tokens are on the device, in that order.
         drafts_ahead: this step's γ and draft chain, queued before the step before was read: its requests verify
         those drafts, any other decodes plainly."""
-        if drafts_ahead is not None:
+        if drafts_ahead is not None and drafts_ahead.started is not None:
             started, graphs_before = drafts_ahead.started, drafts_ahead.graphs_before
         else:
             started, graphs_before = self.clock.mark(), len(self.runner.graph_shapes)

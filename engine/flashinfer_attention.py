@@ -34,7 +34,7 @@ import torch
 from specattn.kernels.cache_write import write_kv
 from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.scores import gather_slot_scores, verification_scores_paged
-from specattn.kernels.verify_attention import SlotScores, verify_attention
+from specattn.kernels.verify_attention import SlotScores, serves_page_size, verify_attention
 
 from .attention import GraphShape, ScoreBatch, SequenceAttention
 from .kv_cache import KVCache, token_slots
@@ -49,13 +49,15 @@ TRITON_PROGRAMS_PER_SM = (2.0, 3.0)
 
 
 def runs_triton_attention(
-    smallest: int, largest: int, kv_heads: int, num_sms: int, programs_per_sm: tuple[float, float] = TRITON_PROGRAMS_PER_SM
+    smallest: int, largest: int, kv_heads: int, num_sms: int, page_size: int,
+    programs_per_sm: tuple[float, float] = TRITON_PROGRAMS_PER_SM,
 ) -> bool:
     """Whether a full-attention graph bucket holding batches smallest … largest runs our Triton kernel rather than
     FlashInfer: only if every batch it holds gives the kernel programs per SM inside the window (padding
-    sequences cost nothing, so a bucket of 96 holding 65 sequences would run at 1.5 per SM)."""
+    sequences cost nothing, so a bucket of 96 holding 65 sequences would run at 1.5 per SM), and the kernel's
+    blocks are whole pages of the cache's page size."""
     low, high = programs_per_sm
-    return low <= smallest * kv_heads / num_sms and largest * kv_heads / num_sms <= high
+    return serves_page_size(page_size) and low <= smallest * kv_heads / num_sms and largest * kv_heads / num_sms <= high
 
 
 def _int32(values, device: torch.device | None = None) -> torch.Tensor:
@@ -204,7 +206,8 @@ class FlashInferAttentionBackend:
         slot_mapping = torch.full((b * q,), self._scratch_slot, dtype=torch.long, device=dev)
         scoring = self._needs_scores and shape.kind != "decode"
         smallest = 1 + max((g for g in self.graph_batches if g < b), default=0)
-        if runs_triton_attention(smallest, b, self.num_kv_heads, self._num_sms, self._triton_programs_per_sm):
+        if runs_triton_attention(smallest, b, self.num_kv_heads, self._num_sms, self.cache.page_size,
+                                 self._triton_programs_per_sm):
             scores = None
             if scoring:
                 logits, per_slot = self._slot_score_buffers()

@@ -30,6 +30,14 @@ from specattn.kernels.paging import page_runs, paged_slots
 
 # tl.dot needs tiles of at least 16 rows
 _MIN_ROW_TILE = 16
+# positions per block of the attention's pass over K (the default block_n); the kernels store and load a block's
+# slots as runs of whole pages, so a page size must divide it
+BLOCK_N = 128
+
+
+def serves_page_size(page_size: int) -> bool:
+    """Whether the kernels' default blocks are whole pages of this size (page sizes 1, 2, 4, …, 128)."""
+    return BLOCK_N % page_size == 0
 
 
 @dataclass
@@ -210,7 +218,7 @@ def verify_attention(
     page_size: int,
     scale: float,
     scores: SlotScores | None = None,
-    block_n: int = 128,
+    block_n: int = BLOCK_N,
     num_warps: int = 4,
     num_stages: int = 2,
     weight_block: int = 512,

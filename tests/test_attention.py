@@ -221,11 +221,13 @@ def test_our_attention_kernel_runs_where_it_has_two_to_three_programs_per_sm():
     pytest.importorskip("triton")
     from specattn.engine.flashinfer_attention import GRAPH_BATCHES, runs_triton_attention
 
-    def chosen(kv_heads: int, window=None) -> list[int]:
+    def chosen(kv_heads: int, window=None, page_size: int = 16) -> list[int]:
         kw = {} if window is None else dict(programs_per_sm=window)
-        return [b for prev, b in zip((0, *GRAPH_BATCHES), GRAPH_BATCHES) if runs_triton_attention(prev + 1, b, kv_heads, 132, **kw)]
+        return [b for prev, b in zip((0, *GRAPH_BATCHES), GRAPH_BATCHES)
+                if runs_triton_attention(prev + 1, b, kv_heads, 132, page_size, **kw)]
 
     assert chosen(3) == [128]
+    assert chosen(3, page_size=24) == chosen(3, page_size=256) == []  # its blocks would not be whole pages
     assert chosen(8) == [48]  # batches 33-48
     assert chosen(3, (0, -1)) == []  # the A/B script's "off"
     assert chosen(3, (0, math.inf)) == list(GRAPH_BATCHES)  # the tests' "everywhere"

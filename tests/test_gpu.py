@@ -133,6 +133,17 @@ def test_gpu_drafts_queued_before_the_read_are_the_drafts_read_after(make_engine
     assert abs(rates["ahead"] - rates["read first"]) < 0.02 and abs(rates["ahead eager"] - rates["read first"]) < 0.02, rates
 
 
+@pytest.mark.parametrize("eager", [False, True])
+def test_gpu_a_draft_chain_moved_on_the_device_equals_one_planned_there(make_engine, smollm_files, eager):
+    """On FlashInfer, graphed (3 sequences padded to the bucket of 4) and eager: the draft plan's recent counts and
+    write slots and the graph's positions moved by device counts give the chain planned at the moved starts."""
+    from tests.test_speculation import check_chain_moved_on_the_device
+
+    engine = make_engine(spec=SpecConfig(drafter="specattn", **SPEC), enforce_eager=eager, **FLASHINFER)
+    prompts = [smollm_files.tokenizer.encode(p) for p in PROMPTS[:3]]
+    check_chain_moved_on_the_device(engine, prompts, [0, 3, 1])
+
+
 def test_gpu_triton_attention_matches_plain_decoding(make_engine, documents, monkeypatch):
     """Our Triton attention kernel (forced at every batch size) for plain decoding and for SpecAttn's verification,
     which keeps the scores in its pass: plain decoding's tokens, and the acceptance of FlashInfer + the separate

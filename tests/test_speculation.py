@@ -126,6 +126,51 @@ def test_acceptance_on_the_device_is_the_hosts():
     assert accepted[:5].tolist() == [0, 1, 2, 3, 4]
 
 
+def check_chain_moved_on_the_device(engine, prompts: list[list[int]], shifts: list[int], gamma: int = 4) -> None:
+    """A draft chain planned at each sequence's earliest start and moved on by device counts (as the engine queues
+    it before the verification that decides the counts is read) gives the tokens, and writes the K/V, of a chain
+    planned at the moved starts."""
+    from specattn.engine.attention import SparseKV
+    from specattn.engine.kv_cache import slot_of
+
+    cache, runner, ps = engine.cache, engine.runner, engine.cache.page_size
+    dev = cache.k.device
+    tables = []
+    for ids in prompts:  # each sequence's context written by a plain forward
+        pages: list[int] = []
+        assert cache.allocator.grow(pages, len(ids) + max(shifts) + gamma + 1)
+        runner.run([SequenceInput(ids, 0, pages, 1)])
+        tables.append(pages)
+
+    def chain_inputs(moved: bool) -> list[SequenceInput]:
+        seqs = []
+        for ids, pages, a in zip(prompts, tables, shifts):
+            anchor = len(ids) - 1  # the selection: a few early positions; every later one is recent
+            selected = torch.tensor([slot_of(pages, p, ps) for p in range(0, 12, 2)], dtype=torch.int32, device=dev)
+            recent = [slot_of(pages, p, ps) for p in range(anchor + 1, anchor + 1 + max(shifts) + gamma)]
+            sparse = SparseKV(selected.expand(engine.model_config.num_layers, -1), anchor, recent)
+            seqs.append(SequenceInput([0], len(ids) + (a if moved else 0), pages, 1, sparse=sparse))
+        return seqs
+
+    first = torch.tensor([ids[-1] for ids in prompts], device=dev)
+    before = (cache.k.clone(), cache.v.clone())
+    moved = runner.run_drafts(chain_inputs(False), gamma, None, first, torch.tensor(shifts, device=dev))
+    after_moved = (cache.k.clone(), cache.v.clone())
+    cache.k.copy_(before[0])
+    cache.v.copy_(before[1])
+    planned = runner.run_drafts(chain_inputs(True), gamma, None, first)
+    assert moved.tolist() == planned.tolist()
+    assert torch.equal(after_moved[0], cache.k) and torch.equal(after_moved[1], cache.v)
+    assert not torch.equal(before[0], cache.k), "the chains were meant to write K/V"
+    for pages in tables:
+        cache.allocator.release(pages)
+
+
+def test_a_draft_chain_moved_on_the_device_equals_one_planned_there(make_engine, prompt_ids):
+    engine = make_engine(spec=SpecConfig(drafter="specattn", **SPARSE))
+    check_chain_moved_on_the_device(engine, prompt_ids[:3], [0, 3, 1])
+
+
 def test_seeded_choice_is_an_exact_sample_of_the_target():
     """Synthetic: over many seeds, the token chosen at a position follows p (top-k/top-p applied), whatever
     the draft proposed; a rule that ignores the target (take the draft's choice) is caught by the same test."""
