@@ -78,7 +78,8 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # prefill chunk budget per step, shared with decodes
-    # queue a plain decode step's successor before reading its tokens (they stay on the device): no GPU idle between
+    # queue a plain decode step's successor before reading its tokens (they stay on the device), and after any other
+    # greedy step the next draft chain: no GPU idle between steps
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:

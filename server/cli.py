@@ -25,7 +25,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="read every step's tokens before queueing the next (by default a plain decode step's successor "
-                        "is queued first, its tokens taken on the GPU)")
+                        "is queued first, its tokens taken on the GPU, and after a verification the next draft chain)")
     p.add_argument("--drafter", choices=DRAFTERS, default=SpecConfig.drafter, help="none = plain decoding")
     p.add_argument("--gamma", type=int, default=SpecConfig.gamma, help="draft tokens per step (the maximum when adaptive)")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false", help="always draft --gamma tokens")
