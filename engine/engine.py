@@ -64,6 +64,12 @@ class _LaunchedStep:
     chosen: torch.Tensor | None = None
     drafts: torch.Tensor | None = None  # [drafting requests, γ] the drafts it verifies, on the device (rows: `drafted`)
 
+    def renew_drafts(self) -> None:
+        """Give its requests still running the selections it renewed (queued on the device behind its forward)."""
+        for req, state in self.new_drafts:
+            if not req.finished:
+                req.draft = state
+
 
 @dataclass
 class _DraftsAhead:
@@ -275,10 +281,7 @@ class LLMEngine:
         for _, c in going_on:
             self.cache.allocator.grow(c.request.page_table, c.start + 2 + lookahead)
             c.request.output_ids.append(_ON_DEVICE)
-        # the selections `launched` renews are what the next step's drafts read (device work queued before them)
-        for req, state in launched.new_drafts:
-            if not req.finished:
-                req.draft = state
+        launched.renew_drafts()  # what the next step's drafts read (device work queued before them)
         # every chunk's token (greedy or sampled, each one row of logits), chosen on the device
         chosen = launched.result.argmax
         if not all(c.request.params.greedy for c in chunks):
@@ -319,10 +322,7 @@ class LLMEngine:
         started, graphs_before = self.clock.mark(), len(self.runner.graph_shapes)
         for (_, c, _), end in zip(going_on, ends):
             allocator.grow(c.request.page_table, end)
-        # the selections this step renews are what the chains read (queued on the device before them)
-        for req, state in launched.new_drafts:
-            if not req.finished:
-                req.draft = state
+        launched.renew_drafts()  # what the chains read (queued on the device before them)
         accepted, first = self._accept_on_device(launched, [(i, most) for i, _, most in going_on])
         ps = self.cache.page_size
         seqs = [
@@ -472,9 +472,7 @@ class LLMEngine:
             if req.finish_reason is not None:
                 self._retire(req)
             committed.append((tracker, tokens[:taken]))
-        for req, state in launched.new_drafts:
-            if not req.finished:
-                req.draft = state
+        launched.renew_drafts()
         # a step some of whose requests were aborted is not timed: it may have waited, launched, while the engine idled
         if launched.timed_decodes and not dropped:
             self._untimed = launched

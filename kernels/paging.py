@@ -14,7 +14,10 @@ def paged_slots(page_indices_ptr, page_start, positions, valid, PAGE_SIZE: tl.co
 
 
 @triton.jit
-def page_runs(slots, PAGE_SIZE: tl.constexpr):
-    """Tell the compiler what paging guarantees of the slots of page-aligned positions: runs of PAGE_SIZE consecutive
-    slots starting at multiples of PAGE_SIZE, so loads and stores along them can be vectors."""
+def whole_page_slots(page_indices_ptr, page_start, positions, num_pages, PAGE_SIZE: tl.constexpr):
+    """`paged_slots` of page-aligned positions, valid by whole pages (those of the sequence's first num_pages pages,
+    its last page's slots past its length included: they are its own), declared to the compiler as what paging
+    makes them — runs of PAGE_SIZE consecutive slots starting at multiples of PAGE_SIZE — so that loads and stores
+    along them, masked by whole pages, go out as vectors."""
+    slots = paged_slots(page_indices_ptr, page_start, positions, positions // PAGE_SIZE < num_pages, PAGE_SIZE)
     return tl.max_contiguous(tl.multiple_of(slots, PAGE_SIZE), PAGE_SIZE)

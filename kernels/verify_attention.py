@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specattn.kernels.paging import page_runs, paged_slots
+from specattn.kernels.paging import whole_page_slots
 
 # tl.dot needs tiles of at least 16 rows
 _MIN_ROW_TILE = 16
@@ -124,9 +124,7 @@ def _verify_attention_kernel(
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_len
-        # every slot of the sequence's last page is its own, also past kv_len: runs of PAGE_SIZE slots
-        slot = page_runs(paged_slots(page_indices_ptr, page_start, offs_n, offs_n // PAGE_SIZE < kv_pages, PAGE_SIZE),
-                         PAGE_SIZE)
+        slot = whole_page_slots(page_indices_ptr, page_start, offs_n, kv_pages, PAGE_SIZE)
         k = tl.load(k_ptr + slot[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
                     mask=n_valid[:, None], other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -199,7 +197,7 @@ def _slot_weights_kernel(
         # whole pages, as the attention kernel stored them (vector loads and stores): the weights past the scored
         # span in its last page land in the sequence's own slots, which nothing reads
         n_valid = offs_n // PAGE_SIZE < score_pages
-        slot = page_runs(paged_slots(page_indices_ptr, page_start, offs_n, n_valid, PAGE_SIZE), PAGE_SIZE)
+        slot = whole_page_slots(page_indices_ptr, page_start, offs_n, score_pages, PAGE_SIZE)
         # past a row's own position the stored logit is the attention tile's -inf: no causal mask needed here
         s_logits = tl.load(weight_rows[:, None] + slot[None, :], mask=w_valid[:, None] & n_valid[None, :],
                            other=float("-inf"))

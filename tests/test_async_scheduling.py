@@ -29,6 +29,21 @@ def _count_launches_ahead(engine) -> list[int]:
     return launched
 
 
+def count_draft_chains_ahead(engine) -> list[int]:
+    """Spy: per draft chain queued before the step before it was read, its γ (the engine's own method does the work)."""
+    chains = []
+    original = engine._draft_ahead
+
+    def spy(step):
+        ahead = original(step)
+        if ahead is not None and ahead.gamma:
+            chains.append(ahead.gamma)
+        return ahead
+
+    engine._draft_ahead = spy
+    return chains
+
+
 def _run(engine, requests: list[tuple[list[int], SamplingParams]], abort: tuple[int, str] | None = None):
     """Submit requests over the first steps (one every other step), run to the end; per request its tokens, text and
     finish reason. abort: (step, request id) to abort after that step."""
@@ -138,14 +153,12 @@ def test_drafts_queued_before_the_verification_is_read_are_the_drafts_read_after
     often): the same count accepted at every verification, in the same order."""
     spec = SpecConfig(drafter=drafter, gamma=4, adaptive=False, budget_ratio=0.1, min_budget=6)
     engine = make_engine(spec=spec)
-    chains = []
-    original = engine._draft_ahead
-    engine._draft_ahead = lambda step: (chains.append(ahead := original(step)), ahead)[1]
+    chains = count_draft_chains_ahead(engine)
     got, accepted = _per_request_acceptance(engine, requests)
     expected, expected_accepted = _per_request_acceptance(make_engine(spec=spec, async_scheduling=False), requests)
     assert got == expected == sync_outputs
     assert accepted == expected_accepted and 0 < sum(accepted) < 4 * len(accepted)
-    assert sum(c is not None and c.gamma == 4 for c in chains) > 10, "draft chains were meant to be queued ahead"
+    assert chains.count(4) > 10, "draft chains were meant to be queued ahead"
     assert engine.kv_usage == 0
 
 
