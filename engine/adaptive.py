@@ -5,14 +5,17 @@ Model: with per-position conditional acceptance a_1..a_γ (the chance draft i is
 step with γ drafts takes t(γ) seconds of wall time, everything included (drafts, verification,
 selection, acceptance, bookkeeping). The controller picks the γ with the most tokens per second,
 E(γ) / t(γ); γ = 0 is plain decoding (E = 1), and speculation must beat it by a margin, so noise
-does not make it speculate at a loss. Step times are exponential moving averages per batch-size
-bucket (powers of two). Speculation costs a fixed part (the verification's extra work, scores,
+does not make it speculate at a loss. Step times are kept per batch-size bucket (powers of two):
+plain decoding's is the median of its last 9 times (it is timed every step it runs, and a few of those steps
+are off its pace: the plain step that renews stale selections for speculation and the one after it, the
+first after a speculative step; averaged in, each pulled plain decoding's time up for several steps and drew
+probes of speculation where it could not pay), a γ's an exponential moving average. Speculation costs a fixed part (the verification's extra work, scores,
 selection, a sync) plus a part per draft, so t(γ) = t(0) + c + γ·d for γ ≥ 1: an unmeasured γ is
 read off the line through the measured ones (with only one measured, c is taken as 0, which makes
 shorter drafts look cheaper than they are, so they get tried and measured rather than written off).
 Acceptance is a decayed count per position. Plain decoding is measured first (twice), then γ_max (twice where it could pay);
 while plain decoding wins, the most promising γ is probed now and then (only if speculation could
-win with every draft accepted; after 32 steps, then twice as long after each probe plain decoding
+be chosen, by the margin, with every draft accepted; after 32 steps, then twice as long after each probe plain decoding
 still wins, up to 1024) so that a change in the text's predictability is noticed.
 A γ's first measurement can carry one-off costs (e.g. the first speculative step after many plain ones
 drafts eagerly, from an old selection; the first step at a new batch size allocates): the second replaces
@@ -23,7 +26,8 @@ shorter γ win for good.
 
 from __future__ import annotations
 
-from collections import Counter
+import statistics
+from collections import Counter, deque
 
 _EMA = 0.2  # weight of a new timing sample
 _DECAY = 0.98  # per recorded verification: acceptance remembers roughly the last 50 drafts
@@ -31,6 +35,7 @@ _PROBE_EVERY = 32  # steps before the first probe of speculation while plain dec
 _PROBE_EVERY_MAX = 1024  # each probe that plain decoding still wins doubles the wait, up to this
 _MARGIN = 1.05  # speculation must promise this much more throughput than plain decoding
 _REMEASURE_EVERY = 64  # steps after which γ_max is chosen again while a shorter γ wins
+_PLAIN_WINDOW = 9  # plain decoding's time: the median of this many of its last times
 
 
 def _bucket(batch_size: int) -> int:
@@ -46,6 +51,7 @@ class GammaController:
         self._accepted = [4.0 * prior_acceptance] * max_gamma
         self._step_time: dict[int, dict[int, float]] = {}  # bucket -> gamma -> seconds per decode step
         self._samples: dict[int, Counter[int]] = {}  # bucket -> gamma -> step times recorded
+        self._plain_times: dict[int, deque[float]] = {}  # bucket -> plain decoding's last times
         self._remeasured_at: dict[int, int] = {}  # bucket -> step γ_max was last chosen to be measured again
         self._steps = 0
         self._probe_wait = _PROBE_EVERY
@@ -95,9 +101,9 @@ class GammaController:
                 self._remeasured_at[bucket] = self._steps
                 return self.max_gamma
             return best
-        # probe only where speculation could win at all (if every draft were accepted), and less often each
-        # time plain decoding keeps winning: a probe costs a whole speculative step
-        could_win = any((g + 1) / cost(g) > 1 / times[0] for g in rates)
+        # probe only where speculation could be chosen at all (by the margin, were every draft accepted), and less
+        # often each time plain decoding keeps winning: a probe costs a whole speculative step
+        could_win = any((g + 1) / cost(g) > _MARGIN / times[0] for g in rates)
         if could_win and self._steps >= self._next_probe:
             self._next_probe = self._steps + self._probe_wait
             self._probe_wait = min(2 * self._probe_wait, _PROBE_EVERY_MAX)
@@ -125,7 +131,12 @@ class GammaController:
         times = self._step_time.setdefault(bucket, {})
         samples = self._samples.setdefault(bucket, Counter())
         old = times.get(gamma)
-        if old is None:
+        if gamma == 0:
+            window = self._plain_times.setdefault(bucket, deque(maxlen=_PLAIN_WINDOW))
+            window.append(seconds)
+            # the lower of the first two (the first may have paid one-off costs), then the median
+            times[0] = min(window) if len(window) < 3 else statistics.median(window)
+        elif old is None:
             times[gamma] = seconds
         elif samples[gamma] == 1:
             times[gamma] = min(old, seconds)  # the first may have paid one-off costs

@@ -522,11 +522,15 @@ class LLMEngine:
 
         return self.runner.run_drafts(seqs, gamma, None if greedy else choose, first)
 
-    def reset_stats(self) -> None:
-        """Forget speculation statistics, preemption count and the γ controller's measurements (benchmarks call this after a warm-up)."""
+    def reset_stats(self, keep_controller: bool = False) -> None:
+        """Forget speculation statistics, preemption count and the γ controller's measurements (benchmarks call this
+        after a warm-up); keep_controller: keep its measurements, forget only its histogram of choices."""
         self.spec_stats = SpecStats()
         self.scheduler.num_preemptions = 0
-        self.gamma_controller = GammaController(self.config.spec.max_gamma, self.config.spec.adaptive)
+        if keep_controller:
+            self.gamma_controller.histogram.clear()
+        else:
+            self.gamma_controller = GammaController(self.config.spec.max_gamma, self.config.spec.adaptive)
         self._untimed = None
 
     def stats(self) -> EngineStats:

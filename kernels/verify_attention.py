@@ -46,7 +46,7 @@ class SlotScores:
 
     rows: [S, 2] int32 query index (0 … q_len − 1) of each sequence's two scored rows;
     lengths: [S] int32 scored positions [0, length) (0: the sequence is not scored);
-    logits: [kv_heads, 2 · group, slots] float32 scratch; lse: [S, kv_heads, 2 · group] float32 scratch (each
+    logits: [kv_heads, 2 · group, slots] float32 or float16 scratch; lse: [S, kv_heads, 2 · group] float32 scratch (each
     stored row's base-2 log-sum-exp); out: [kv_heads, slots] float32, the sum of the scored rows' weights over
     the query heads of each KV head, written at the scored positions' slots.
     """
@@ -142,7 +142,7 @@ def _verify_attention_kernel(
             # no branch on score_len here: control flow in the loop costs the software pipelining of the K/V loads.
             # Whole pages are stored (the scored span's last page past its end too, never read): a mask that is
             # constant over each page lets the stores go out as vectors, not one 4-byte store per cell
-            tl.store(scratch_rows[:, None] + slot[None, :], logits,
+            tl.store(scratch_rows[:, None] + slot[None, :], logits.to(logits_ptr.dtype.element_ty),
                      mask=is_scored[:, None] & (offs_n // PAGE_SIZE < score_pages)[None, :])
 
     out = acc / denom[:, None]
@@ -200,7 +200,7 @@ def _slot_weights_kernel(
         slot = whole_page_slots(page_indices_ptr, page_start, offs_n, score_pages, PAGE_SIZE)
         # past a row's own position the stored logit is the attention tile's -inf: no causal mask needed here
         s_logits = tl.load(weight_rows[:, None] + slot[None, :], mask=w_valid[:, None] & n_valid[None, :],
-                           other=float("-inf"))
+                           other=float("-inf")).to(tl.float32)
         weights = tl.sum(tl.exp2(s_logits - w_lse[:, None]), axis=0)
         tl.store(slot_scores_ptr + kv_head.to(tl.int64) * num_slots + slot, weights, mask=n_valid)
 

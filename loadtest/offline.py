@@ -5,7 +5,9 @@
 
 A variant is `none`, `hf` (transformers generate), or `streaming` / `specattn` with optional
 `:g<gamma>`, `:r<budget ratio>`, `:k<min budget>` and `:adaptive`; `adaptive` alone is
-`specattn:adaptive`. Greedy decoding throughout, so every variant must produce the tokens `none` does.
+`specattn:adaptive`. A trailing `:warm` first runs the workload once untimed and keeps what the γ controller
+measured there, as a server's controller knows its workload after the first requests (otherwise every timed
+run starts from a new controller). Greedy decoding throughout, so every variant must produce the tokens `none` does.
 """
 
 from __future__ import annotations
@@ -154,7 +156,10 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
             prompts = build_prompts(files, args.workload, docs, context, max(batch, args.min_requests), args.max_tokens)
             reference = None
             for name in args.variants:
-                spec = parse_variant(name, defaults)
+                warm = name.endswith(":warm")
+                spec = parse_variant(name.removesuffix(":warm"), defaults)
+                if warm and spec is None:
+                    raise ValueError("`hf:warm`: only the engine's variants have a controller to warm")
                 total = len(prompts) * args.max_tokens
                 with tqdm(total=total, desc=f"ctx {context} batch {batch} {name}", unit="tok", leave=False) as bar:
                     if spec is None:
@@ -174,9 +179,12 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     # warm-up at the same batch size on short prompts: kernels compile (the engine captured its
                     # decode-phase CUDA graphs when it was built)
                     run_engine(engine, [p[:256] for p in prompts], 24, tqdm(disable=True))
+                    if warm:
+                        engine.reset_stats()
+                        run_engine(engine, prompts, args.max_tokens, tqdm(disable=True))
                     runs = []
                     for _ in range(args.repeats):
-                        engine.reset_stats()
+                        engine.reset_stats(keep_controller=warm)
                         outputs, timing = run_engine(engine, prompts, args.max_tokens, bar)
                         runs.append((timing.decode_tokens_per_s or 0.0, outputs, timing, engine.stats()))
                         bar.reset()

@@ -64,9 +64,9 @@ class Shape:
         self.score_lens = torch.tensor(self.score_lens_list, **i32)
         self.bytes = sum(self.kv_lens) * KV_HEADS * D * 2 * DTYPE.itemsize
 
-    def slot_scores(self) -> SlotScores:
+    def slot_scores(self, scratch_dtype: torch.dtype = torch.float32) -> SlotScores:
         return SlotScores(self.rows, self.score_lens,
-                          torch.empty(KV_HEADS, 2 * HEADS // KV_HEADS, self.num_slots, device="cuda"),
+                          torch.empty(KV_HEADS, 2 * HEADS // KV_HEADS, self.num_slots, device="cuda", dtype=scratch_dtype),
                           torch.empty(len(self.kv_lens), KV_HEADS, 2 * HEADS // KV_HEADS, device="cuda"),
                           torch.empty(1, KV_HEADS, self.num_slots, device="cuda"))
 
@@ -114,6 +114,14 @@ def main() -> int:
                 serr = (got - ref).abs().max().item()
                 good = good and serr < 2e-4
                 line += f"; scores vs score kernel max abs err {serr:.2e}"
+                # the same with the logits kept in float16 (half the bytes stored and read back)
+                sc16 = s.slot_scores(torch.float16)
+                verify_attention(s.q, s.k, s.v, s.indptr, s.indices, s.kv, q_len, PAGE, SCALE,
+                                 scores=dataclasses.replace(sc16, out=sc16.out[0]))
+                gather_slot_scores(sc16.out, s.indptr[:-1].contiguous(), s.indices, s.score_lens, PAGE, HEADS, got)
+                serr16 = (got - ref).abs().max().item()
+                good = good and serr16 < 2e-3
+                line += f", float16 scratch {serr16:.2e}"
             ok = ok and good
             print(("PASS " if good else "FAIL ") + line, flush=True)
 
@@ -158,6 +166,9 @@ def main() -> int:
                           + ", ".join(f"{c}: {t:.1f}" for c, t in sorted(wsweep.items(), key=lambda kv: kv[1])), flush=True)
                 timings[name] = ours_us(best[key], with_scores)
             if scoring:
+                timings["ours+scores, float16 scratch"] = bench_us(lambda: verify_attention(
+                    s.q, s.k, s.v, s.indptr, s.indices, s.kv, q_len, PAGE, SCALE,
+                    scores=dataclasses.replace(sc16, out=sc16.out[0]), **best.get(f"ours+scores q{q_len}", {})))
                 # the scoring math without its stores and second pass: every sequence unscored
                 unscored = dataclasses.replace(sc, lengths=torch.zeros_like(sc.lengths), out=sc.out[0])
                 timings["ours+scores, none scored"] = bench_us(lambda: verify_attention(

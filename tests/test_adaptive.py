@@ -120,3 +120,34 @@ def test_a_slow_first_gamma_max_step_does_not_rule_out_speculation_while_its_tim
     best = _expected_tokens(MAX_GAMMA, 0.93) / cost(MAX_GAMMA)
     reached, ctl = _simulate(cost, 0.93, steps=40, batch=128, first_step_factor=3.0, lag=2)
     assert reached >= 0.85 * best, (reached, best, ctl.histogram)
+
+
+def test_no_probes_where_speculation_could_not_be_chosen_even_with_every_draft_accepted():
+    """One request at 8k on the H200: plain 1.3 ms, a γ step 1.35 + 1.235·γ ms (a draft costs nearly a plain step).
+    Read off γ_max's time, γ = 1 could just beat plain decoding were its draft always accepted (2 tokens in ≈ 2.55
+    ms against 2.6), but not by the margin a choice needs; probing it costs a step each time and can never lead to
+    choosing it. Only γ_max's first measurements speculate."""
+
+    def cost(gamma: int) -> float:
+        return 1.3 if gamma == 0 else 1.35 + 1.235 * gamma
+
+    _, ctl = _simulate(cost, 0.9, steps=400, batch=1, lag=3)
+    assert sum(n for g, n in ctl.histogram.items() if g) <= 5 and ctl.histogram[1] == 0, ctl.histogram
+
+
+def test_plain_steps_off_the_pace_do_not_draw_probes():
+    """One request at 8k on the H200, traced: plain steps 1.23 ms, but every 32nd is the scored step that renews the
+    selections (1.95 ms) and the next one waits behind it (2.0 ms); a γ step 1.35 + 1.235·γ ms. Plain decoding's
+    time is its pace, not pulled up by those two for several steps each time (which made γ = 1 look worth a probe
+    every time they came, on the H200 twice in a 128-token request)."""
+    plain_steps = 0
+
+    def cost(gamma: int) -> float:
+        nonlocal plain_steps
+        if gamma:
+            return 1.35 + 1.235 * gamma
+        plain_steps += 1
+        return {0: 1.95, 1: 2.0}.get(plain_steps % 32, 1.23)
+
+    _, ctl = _simulate(cost, 0.9, steps=400, batch=1, lag=3)
+    assert sum(n for g, n in ctl.histogram.items() if g) <= 5 and ctl.histogram[1] == 0, ctl.histogram

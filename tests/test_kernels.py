@@ -255,7 +255,7 @@ def test_streaming_selection_is_sinks_plus_the_window_before_the_anchor():
 
 def _verify_case(
     device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int], score_lens: list[int], rows: list[tuple[int, int]],
-    seed: int, **blocks,
+    seed: int, scratch_dtype: torch.dtype = torch.float32, **blocks,
 ):
     """A paged cache of shuffled pages, q_len queries per sequence at its last positions, some sequences scored on
     the given pair of query rows over positions [0, score_len).
@@ -290,7 +290,7 @@ def _verify_case(
     slot_scores = SlotScores(
         rows=torch.tensor(rows, **i32),
         lengths=torch.tensor(score_lens, **i32),
-        logits=torch.full((kv_heads, 6, num_slots), float("nan"), device=device),
+        logits=torch.full((kv_heads, 6, num_slots), float("nan"), device=device, dtype=scratch_dtype),
         lse=torch.full((len(kv_lens), kv_heads, 6), float("nan"), device=device),
         out=torch.full((1, kv_heads, num_slots), float("nan"), device=device),
     )
@@ -320,6 +320,15 @@ def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens, ro
     out, out_ref, scores, score_ref = _verify_case("cpu", torch.float32, q_len, kv_lens, score_lens, rows, seed=q_len, **blocks)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, score_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_triton_verify_attention_keeps_scored_logits_in_float16():
+    """The engine keeps the scored rows' logits in a float16 scratch: the weights stay within float16's rounding of
+    the logits (a few parts in 10⁴ for logits of a few units) of the reference, and the output is unchanged."""
+    out, out_ref, scores, score_ref = _verify_case("cpu", torch.float32, 5, [37, 130, 5, 64], [37, 126, 0, 64],
+                                                   [(0, 4), (2, 2), (4, 4), (1, 3)], seed=5, scratch_dtype=torch.float16)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, score_ref, atol=1e-5, rtol=3e-3)
 
 
 @pytest.mark.gpu
