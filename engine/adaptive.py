@@ -5,11 +5,12 @@ Model: with per-position conditional acceptance a_1..a_γ (the chance draft i is
 step with γ drafts takes t(γ) seconds of wall time, everything included (drafts, verification,
 selection, acceptance, bookkeeping). The controller picks the γ with the most tokens per second,
 E(γ) / t(γ); γ = 0 is plain decoding (E = 1), and speculation must beat it by a margin, so noise
-does not make it speculate at a loss. Step times are kept per batch-size bucket (powers of two):
-plain decoding's is the median of its last 9 times (it is timed every step it runs, and a few of those steps
-are off its pace: the plain step that renews stale selections for speculation and the one after it, the
-first after a speculative step; averaged in, each pulled plain decoding's time up for several steps and drew
-probes of speculation where it could not pay), a γ's an exponential moving average. Speculation costs a fixed part (the verification's extra work, scores,
+does not make it speculate at a loss. A step kind's time, per batch-size bucket (powers of two), is the
+median of its last 9 times: a few steps are off the pace of their kind (plain steps that renew stale
+selections for speculation, and the one after; the first plain step after speculation; on the H200 one
+speculative step of 260 ms among 30 ms ones, right after a 2M-token prefill), and a moving average let each
+pull its kind's time for several steps — plain decoding's up, which drew probes of speculation where it could
+not pay, or γ_max's, which held a run at a shorter γ (perf-notes 43). Speculation costs a fixed part (the verification's extra work, scores,
 selection, a sync) plus a part per draft, so t(γ) = t(0) + c + γ·d for γ ≥ 1: an unmeasured γ is
 read off the line through the measured ones (with only one measured, c is taken as 0, which makes
 shorter drafts look cheaper than they are, so they get tried and measured rather than written off).
@@ -29,13 +30,12 @@ from __future__ import annotations
 import statistics
 from collections import Counter, deque
 
-_EMA = 0.2  # weight of a new timing sample
 _DECAY = 0.98  # per recorded verification: acceptance remembers roughly the last 50 drafts
 _PROBE_EVERY = 32  # steps before the first probe of speculation while plain decoding wins
 _PROBE_EVERY_MAX = 1024  # each probe that plain decoding still wins doubles the wait, up to this
 _MARGIN = 1.05  # speculation must promise this much more throughput than plain decoding
 _REMEASURE_EVERY = 64  # steps after which γ_max is chosen again while a shorter γ wins
-_PLAIN_WINDOW = 9  # plain decoding's time: the median of this many of its last times
+_WINDOW = 9  # a step kind's time: the median of this many of its last times
 
 
 def _bucket(batch_size: int) -> int:
@@ -51,7 +51,7 @@ class GammaController:
         self._accepted = [4.0 * prior_acceptance] * max_gamma
         self._step_time: dict[int, dict[int, float]] = {}  # bucket -> gamma -> seconds per decode step
         self._samples: dict[int, Counter[int]] = {}  # bucket -> gamma -> step times recorded
-        self._plain_times: dict[int, deque[float]] = {}  # bucket -> plain decoding's last times
+        self._recent: dict[int, dict[int, deque[float]]] = {}  # bucket -> gamma -> its last times
         self._remeasured_at: dict[int, int] = {}  # bucket -> step γ_max was last chosen to be measured again
         self._steps = 0
         self._probe_wait = _PROBE_EVERY
@@ -130,18 +130,10 @@ class GammaController:
         bucket = _bucket(batch_size)
         times = self._step_time.setdefault(bucket, {})
         samples = self._samples.setdefault(bucket, Counter())
-        old = times.get(gamma)
-        if gamma == 0:
-            window = self._plain_times.setdefault(bucket, deque(maxlen=_PLAIN_WINDOW))
-            window.append(seconds)
-            # the lower of the first two (the first may have paid one-off costs), then the median
-            times[0] = min(window) if len(window) < 3 else statistics.median(window)
-        elif old is None:
-            times[gamma] = seconds
-        elif samples[gamma] == 1:
-            times[gamma] = min(old, seconds)  # the first may have paid one-off costs
-        else:
-            times[gamma] = (1 - _EMA) * old + _EMA * seconds
+        window = self._recent.setdefault(bucket, {}).setdefault(gamma, deque(maxlen=_WINDOW))
+        window.append(seconds)
+        # the lower of the first two (the first may have paid one-off costs), then the median
+        times[gamma] = min(window) if len(window) < 3 else statistics.median(window)
         samples[gamma] += 1
 
     def record_acceptance(self, num_draft: int, num_accepted: int) -> None:

@@ -151,3 +151,37 @@ def test_plain_steps_off_the_pace_do_not_draw_probes():
 
     _, ctl = _simulate(cost, 0.9, steps=400, batch=1, lag=3)
     assert sum(n for g, n in ctl.histogram.items() if g) <= 5 and ctl.histogram[1] == 0, ctl.histogram
+
+
+def test_one_very_slow_step_midway_does_not_hold_a_run_at_a_shorter_gamma():
+    """128 requests at 8k, settled on γ_max; then one γ_max step takes 9× as long (on the H200: 260 ms among 30 ms
+    steps, right after a 2M-token prefill). The controller stays on γ_max (an average let that one step make γ = 2
+    look best for the rest of the run, as γ_max is measured again only every 64 steps)."""
+    spec_steps = 0
+
+    def cost(gamma: int) -> float:
+        nonlocal spec_steps
+        if gamma == 0:
+            return 7.0
+        spec_steps += gamma == MAX_GAMMA
+        return (16.0 + 1.4 * gamma) * (9.0 if spec_steps == 100 and gamma == MAX_GAMMA else 1.0)
+
+    _, ctl = _simulate(cost, 0.93, steps=300, batch=128, lag=2)
+    assert ctl.histogram[MAX_GAMMA] >= 280, ctl.histogram
+
+
+def test_the_h200_trace_of_a_slow_step_after_prefill_keeps_gamma_max():
+    """The step costs (ms) the controller recorded on the H200 at 8k × 256 (docs/results/gpu-h200-session10-warm-256.md):
+    a first run, then the start of a second one whose second step took 260 ms. With those times the controller still
+    chooses γ_max, which ran 29.7 ms a step for 4.4 tokens per request (on the H200 an average of the times chose γ = 2
+    for the rest of that run, 26 ms a step for at most 3: 22.1k tok/s where the first run made 31.6k)."""
+    first_run = [(0, 18.3), (0, 12.6), (0, 12.5), (0, 12.5), (4, 48.2)] + [(4, 29.6)] * 6 + [(2, 26.9)] + [(4, 29.7)] * 17
+    second_run = [(4, 39.3), (4, 260.4), (4, 33.0), (4, 29.7)]
+    ctl = GammaController(MAX_GAMMA, adaptive=True)
+    for gamma, ms in first_run + second_run:
+        ctl.choose(256)
+        ctl.record_step_time(256, gamma, ms / 1e3)
+        if gamma:
+            for i in range(256):  # as measured: nearly every draft accepted, the last one by 4 in 5 requests
+                ctl.record_acceptance(gamma, gamma - (i % 5 == 0))
+    assert ctl.choose(256) == MAX_GAMMA
