@@ -5,7 +5,7 @@ a decode when q_len is 1). When a sequence is scored, the same program also keep
 logits per cache slot while it streams K for the attention, and at the end their log-sum-exps; a second,
 small kernel then turns them into weights, summed over the rows and the query heads of each KV head, per
 cache slot. That replaces the separate score kernel's second read of K (384 bytes per position and layer)
-with a write and a read of six floats per KV head (2 rows × 3 query heads for the default model). The
+with a write and a read of six float16 logits per KV head (2 rows × 3 query heads for the default model). The
 weights are a kernel of their own because inside the attention program the read-back ran after its pass
 over K, serially, at one program per (sequence, KV head); on its own it spreads over the positions too.
 One attention program per (sequence, KV head) and no split of the context: it needs two to three programs
