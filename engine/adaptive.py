@@ -6,23 +6,21 @@ step with γ drafts takes t(γ) seconds of wall time, everything included (draft
 selection, acceptance, bookkeeping). The controller picks the γ with the most tokens per second,
 E(γ) / t(γ); γ = 0 is plain decoding (E = 1), and speculation must beat it by a margin, so noise
 does not make it speculate at a loss. A step kind's time, per batch-size bucket (powers of two), is the
-median of its last 9 times: a few steps are off the pace of their kind (plain steps that renew stale
-selections for speculation, and the one after; the first plain step after speculation; on the H200 one
-speculative step of 260 ms among 30 ms ones, right after a 2M-token prefill), and a moving average let each
-pull its kind's time for several steps — plain decoding's up, which drew probes of speculation where it could
-not pay, or γ_max's, which held a run at a shorter γ (perf-notes 43). Speculation costs a fixed part (the verification's extra work, scores,
-selection, a sync) plus a part per draft, so t(γ) = t(0) + c + γ·d for γ ≥ 1: an unmeasured γ is
-read off the line through the measured ones (with only one measured, c is taken as 0, which makes
-shorter drafts look cheaper than they are, so they get tried and measured rather than written off).
-Acceptance is a decayed count per position. Plain decoding is measured first (twice), then γ_max (twice where it could pay);
-while plain decoding wins, the most promising γ is probed now and then (only if speculation could
-be chosen, by the margin, with every draft accepted; after 32 steps, then twice as long after each probe plain decoding
-still wins, up to 1024) so that a change in the text's predictability is noticed.
-A γ's first measurement can carry one-off costs (e.g. the first speculative step after many plain ones
-drafts eagerly, from an old selection; the first step at a new batch size allocates): the second replaces
-it if lower — for plain decoding and γ_max it comes right away, as a 128-token request may be done in 40
-steps — and while a shorter γ wins, γ_max is chosen again every 64 steps, so one slow step cannot make a
-shorter γ win for good.
+median of its times of the last 128 steps, at most 9 (the lower of two while there are fewer than three: a
+first time can carry one-off costs, e.g. the first step at a new batch size allocates, and a 128-token request
+may be done in 40 steps). A median, because a few steps run off their kind's pace (the plain step that renews
+stale selections for speculation, on the H200 a speculative step of 260 ms among 30 ms ones right after a
+2M-token prefill) and an average let each of them decide choices for many steps (perf-notes 43); only recent
+times, so a kind measured rarely (a probe) follows a change at its next measurement. Speculation costs a
+fixed part (the verification's extra work, scores, selection, a sync) plus a part per draft, so
+t(γ) = t(0) + c + γ·d for γ ≥ 1: an unmeasured γ is read off the line through the measured ones (with only one
+measured, c is taken as 0, which makes shorter drafts look cheaper than they are, so they get tried and
+measured rather than written off). Acceptance is a decayed count per position.
+Plain decoding is timed first (twice), then γ_max (twice where it could be chosen, were every draft accepted).
+While plain decoding wins, the most promising γ is probed now and then (only where speculation could be chosen
+with every draft accepted; after 32 steps, then twice as long after each probe plain decoding still wins, up to
+1024) so that a change in the text's predictability is noticed; while a shorter γ wins, γ_max is timed again
+every 64 steps, so a change in what drafts cost is.
 """
 
 from __future__ import annotations
@@ -35,7 +33,8 @@ _PROBE_EVERY = 32  # steps before the first probe of speculation while plain dec
 _PROBE_EVERY_MAX = 1024  # each probe that plain decoding still wins doubles the wait, up to this
 _MARGIN = 1.05  # speculation must promise this much more throughput than plain decoding
 _REMEASURE_EVERY = 64  # steps after which γ_max is chosen again while a shorter γ wins
-_WINDOW = 9  # a step kind's time: the median of this many of its last times
+_WINDOW = 9  # a step kind's time: the median of at most this many of its last times …
+_MAX_AGE = 128  # … recorded in the last this many steps (the newest one at least)
 
 
 def _bucket(batch_size: int) -> int:
@@ -51,7 +50,7 @@ class GammaController:
         self._accepted = [4.0 * prior_acceptance] * max_gamma
         self._step_time: dict[int, dict[int, float]] = {}  # bucket -> gamma -> seconds per decode step
         self._samples: dict[int, Counter[int]] = {}  # bucket -> gamma -> step times recorded
-        self._recent: dict[int, dict[int, deque[float]]] = {}  # bucket -> gamma -> its last times
+        self._recent: dict[int, dict[int, deque[tuple[int, float]]]] = {}  # bucket -> gamma -> its last (step, time)
         self._remeasured_at: dict[int, int] = {}  # bucket -> step γ_max was last chosen to be measured again
         self._steps = 0
         self._probe_wait = _PROBE_EVERY
@@ -84,11 +83,11 @@ class GammaController:
         samples = self._samples.get(_bucket(batch_size), Counter())
         # plain decoding, then γ_max, each timed twice before anything is read off them: the first step of a
         # bucket can carry one-off costs (allocations at a new size), and a run may be over before a remeasure.
-        # (γ_max's second time only where speculation could pay at all, were every draft accepted.)
+        # (γ_max's second time only where speculation could be chosen, were every draft accepted.)
         if samples[0] < 2:
             return 0
         top = self.max_gamma
-        if samples[top] == 0 or (samples[top] == 1 and (top + 1) / times[top] > 1 / times[0]):
+        if samples[top] == 0 or (samples[top] == 1 and (top + 1) / times[top] > _MARGIN / times[0]):
             return top
         cost = self._step_cost(times)
         rates = {g: self.expected_tokens(g) / cost(g) for g in range(1, self.max_gamma + 1)}
@@ -131,9 +130,9 @@ class GammaController:
         times = self._step_time.setdefault(bucket, {})
         samples = self._samples.setdefault(bucket, Counter())
         window = self._recent.setdefault(bucket, {}).setdefault(gamma, deque(maxlen=_WINDOW))
-        window.append(seconds)
-        # the lower of the first two (the first may have paid one-off costs), then the median
-        times[gamma] = min(window) if len(window) < 3 else statistics.median(window)
+        window.append((self._steps, seconds))
+        recent = [t for step, t in window if self._steps - step <= _MAX_AGE]
+        times[gamma] = min(recent) if len(recent) < 3 else statistics.median(recent)
         samples[gamma] += 1
 
     def record_acceptance(self, num_draft: int, num_accepted: int) -> None:

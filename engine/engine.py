@@ -524,7 +524,8 @@ class LLMEngine:
 
     def reset_stats(self, keep_controller: bool = False) -> None:
         """Forget speculation statistics, preemption count and the γ controller's measurements (benchmarks call this
-        after a warm-up); keep_controller: keep its measurements, forget only its histogram of choices."""
+        after a warm-up); keep_controller: keep all it learned (step times, acceptance, when to probe next), forget
+        only its histogram of choices."""
         self.spec_stats = SpecStats()
         self.scheduler.num_preemptions = 0
         if keep_controller:

@@ -46,7 +46,9 @@ class SlotScores:
 
     rows: [S, 2] int32 query index (0 … q_len − 1) of each sequence's two scored rows;
     lengths: [S] int32 scored positions [0, length) (0: the sequence is not scored);
-    logits: [kv_heads, 2 · group, slots] float32 or float16 scratch; lse: [S, kv_heads, 2 · group] float32 scratch (each
+    logits: [kv_heads, 2 · group, slots] float32 or float16 scratch (the engine's is float16: a base-2 logit of
+    magnitude L keeps up to L · 2⁻¹¹ of absolute error, its weight up to ln 2 times that relative error, 1 % at
+    L ≈ 30 (q·k/√d ≈ 20), which the selection's ranking tolerates); lse: [S, kv_heads, 2 · group] float32 scratch (each
     stored row's base-2 log-sum-exp); out: [kv_heads, slots] float32, the sum of the scored rows' weights over
     the query heads of each KV head, written at the scored positions' slots.
     """
@@ -69,7 +71,7 @@ def _verify_attention_kernel(
     kv_lens_ptr,  # [S] positions [0, kv_len) attended; the queries sit at the last Q_LEN of them
     score_rows_ptr,  # [S, 2] int32 (SCORING)
     score_lens_ptr,  # [S] int32 (SCORING)
-    logits_ptr,  # [kv_heads, 2 · GROUP, num_slots] float32 (SCORING)
+    logits_ptr,  # [kv_heads, 2 · GROUP, num_slots] float32 or float16 (SCORING)
     lse_ptr,  # [S, kv_heads, 2 · GROUP] float32 (SCORING)
     num_slots,
     stride_qt,
@@ -141,7 +143,7 @@ def _verify_attention_kernel(
         if SCORING:
             # no branch on score_len here: control flow in the loop costs the software pipelining of the K/V loads.
             # Whole pages are stored (the scored span's last page past its end too, never read): a mask that is
-            # constant over each page lets the stores go out as vectors, not one 4-byte store per cell
+            # constant over each page lets the stores go out as vectors, not one store per cell
             tl.store(scratch_rows[:, None] + slot[None, :], logits.to(logits_ptr.dtype.element_ty),
                      mask=is_scored[:, None] & (offs_n // PAGE_SIZE < score_pages)[None, :])
 
@@ -167,7 +169,7 @@ def _slot_weights_kernel(
     page_indices_ptr,
     score_rows_ptr,  # [S, 2] int32
     score_lens_ptr,  # [S] int32
-    logits_ptr,  # [kv_heads, 2 · GROUP, num_slots] float32, as the attention kernel stored them
+    logits_ptr,  # [kv_heads, 2 · GROUP, num_slots] float32 or float16, as the attention kernel stored them
     lse_ptr,  # [S, kv_heads, 2 · GROUP] float32
     slot_scores_ptr,  # [kv_heads, num_slots] float32
     num_slots,
@@ -243,6 +245,7 @@ def verify_attention(
         assert scores.logits.shape[:2] == (kv_heads, 2 * group) and scores.out.shape[0] == kv_heads
         assert scores.logits.shape[2] == scores.out.shape[1] == k_cache.shape[0] and scores.out.is_contiguous()
         assert scores.logits.is_contiguous() and scores.rows.is_contiguous() and scores.lse.is_contiguous()
+        assert scores.logits.dtype in (torch.float32, torch.float16), "float16 keeps the logits' range; bfloat16 not their precision"
         assert scores.lse.shape[0] >= num_seqs and scores.lse.shape[1:] == (kv_heads, 2 * group)
         args = (scores.rows, scores.lengths, scores.logits, scores.lse)
     else:

@@ -7,7 +7,7 @@ A variant is `none`, `hf` (transformers generate), or `streaming` / `specattn` w
 `:g<gamma>`, `:r<budget ratio>`, `:k<min budget>` and `:adaptive`; `adaptive` alone is
 `specattn:adaptive`. A trailing `:warm` first runs the workload once untimed and keeps what the γ controller
 measured there, as a server's controller knows its workload after the first requests (otherwise every timed
-run starts from a new controller). Greedy decoding throughout, so every variant must produce the tokens `none` does.
+run starts from a new controller; with `--repeats`, each warm run also keeps what the runs before it taught). Greedy decoding throughout, so every variant must produce the tokens `none` does.
 """
 
 from __future__ import annotations
@@ -158,8 +158,6 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
             for name in args.variants:
                 warm = name.endswith(":warm")
                 spec = parse_variant(name.removesuffix(":warm"), defaults)
-                if warm and spec is None:
-                    raise ValueError("`hf:warm`: only the engine's variants have a controller to warm")
                 total = len(prompts) * args.max_tokens
                 with tqdm(total=total, desc=f"ctx {context} batch {batch} {name}", unit="tok", leave=False) as bar:
                     if spec is None:
@@ -276,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    for name in args.variants:  # every name checked before the first (long) run, not when the sweep reaches it
+        try:
+            spec = parse_variant(name.removesuffix(":warm"), SpecConfig())
+        except ValueError as exc:
+            p.error(f"variant {name!r}: {exc}")
+        if spec is None and name.endswith(":warm"):
+            p.error(f"{name}: only the engine's variants have a γ controller to warm")
     if args.workload == "longgen":
         args.contexts = [0]
     results = benchmark(args)

@@ -16,12 +16,13 @@ def _expected_tokens(gamma: int, accept: float) -> float:
 
 
 def _simulate(step_cost, accept: float, steps: int = 600, batch: int = 16, first_step_factor: float = 1.0,
-              lag: int = 0) -> tuple[float, GammaController]:
+              lag: int = 0, ctl: GammaController | None = None) -> tuple[float, GammaController]:
     """Tokens per second the controller reaches when a step with γ drafts takes step_cost(γ) and each draft is accepted with
     `accept`; the first step at γ_max takes first_step_factor times as long (a one-off cost). lag: choices made before a
-    step's time arrives (the engine times a step once the step after it is read: two choices later)."""
+    step's time arrives (the engine times a step once the step after it is read: two choices later). ctl: go on with
+    this controller (a new one by default)."""
     rng = random.Random(0)
-    ctl = GammaController(MAX_GAMMA, adaptive=True)
+    ctl = ctl or GammaController(MAX_GAMMA, adaptive=True)
     tokens = seconds = 0.0
     slow_first = True
     in_flight = []
@@ -155,8 +156,8 @@ def test_plain_steps_off_the_pace_do_not_draw_probes():
 
 def test_one_very_slow_step_midway_does_not_hold_a_run_at_a_shorter_gamma():
     """128 requests at 8k, settled on γ_max; then one γ_max step takes 9× as long (on the H200: 260 ms among 30 ms
-    steps, right after a 2M-token prefill). The controller stays on γ_max (an average let that one step make γ = 2
-    look best for the rest of the run, as γ_max is measured again only every 64 steps)."""
+    steps, right after a 2M-token prefill). The controller stays on γ_max (an average let that one step make a
+    shorter γ look best for the rest of the run, as γ_max is measured again only every 64 steps)."""
     spec_steps = 0
 
     def cost(gamma: int) -> float:
@@ -185,3 +186,22 @@ def test_the_h200_trace_of_a_slow_step_after_prefill_keeps_gamma_max():
             for i in range(256):  # as measured: nearly every draft accepted, the last one by 4 in 5 requests
                 ctl.record_acceptance(gamma, gamma - (i % 5 == 0))
     assert ctl.choose(256) == MAX_GAMMA
+
+
+def test_a_change_in_what_a_rarely_timed_gamma_costs_is_followed():
+    """γ_max costs an extra 1.5 plain steps for 700 steps (γ = 3 wins; γ_max is timed again every 64 steps), then
+    nothing extra (γ_max wins). The controller moves to γ_max within about two of those remeasures: a kind's time is
+    the median of recent times only, so its new times are not outvoted by nine from long ago."""
+    step = 0
+
+    def cost(gamma: int) -> float:
+        nonlocal step
+        step += 1
+        extra = 1.5 if gamma == MAX_GAMMA and step <= 700 else 0.0
+        return 1.0 + (0.5 + 0.1 * gamma + extra if gamma else 0.0)
+
+    _, ctl = _simulate(cost, 0.9, steps=700, batch=16, lag=2)
+    assert ctl.histogram.most_common(1)[0][0] == 3, ctl.histogram
+    ctl.histogram.clear()
+    _simulate(cost, 0.9, steps=400, batch=16, lag=2, ctl=ctl)
+    assert ctl.histogram[MAX_GAMMA] >= 200, ctl.histogram

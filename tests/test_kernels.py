@@ -333,8 +333,10 @@ def test_triton_verify_attention_keeps_scored_logits_in_float16():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_triton_verify_attention_equals_reference(dtype):
+@pytest.mark.parametrize("scratch_dtype", [torch.float32, torch.float16])
+def test_gpu_triton_verify_attention_equals_reference(dtype, scratch_dtype):
     out, out_ref, scores, score_ref = _verify_case(
-        "cuda", dtype, 5, [8192, 4096 + 3, 300, 77], [8188, 4094, 0, 73], [(0, 4), (2, 2), (4, 4), (0, 4)], seed=11)
+        "cuda", dtype, 5, [8192, 4096 + 3, 300, 77], [8188, 4094, 0, 73], [(0, 4), (2, 2), (4, 4), (0, 4)], seed=11,
+        scratch_dtype=scratch_dtype)
     torch.testing.assert_close(out.float(), out_ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(scores, score_ref, atol=2e-4, rtol=2e-2)

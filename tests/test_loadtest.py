@@ -294,11 +294,13 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     doc.write_text(" ".join(f"Section {i}: the parser reads token {i * 7} and writes it to the table." for i in range(60)))
     out = tmp_path / "bench"
     assert main(["--device", "cpu", "--docs", str(doc), "--contexts", "160", "--batches", "2", "--max-tokens", "12",
-                 "--variants", "none,specattn:g3:k8", "--repeats", "3", "--out", str(out)]) == 0
+                 "--variants", "none,specattn:g3:k8,adaptive:warm", "--repeats", "3", "--out", str(out)]) == 0
     results = {r["variant"]: r for r in json.loads(out.with_suffix(".json").read_text())["results"]}
-    assert set(results) == {"none", "specattn:g3:k8"}
+    assert set(results) == {"none", "specattn:g3:k8", "adaptive:warm"}
     spec = results["specattn:g3:k8"]
     assert spec["identical_to_none"] == 2 and spec["output_tokens"] == 24 and spec["acceptance_rate"] > 0
+    # a warm controller's row counts the timed run's choices only (12 tokens: at most 11 decode steps), not its warm run's
+    assert results["adaptive:warm"]["identical_to_none"] == 2 and sum(results["adaptive:warm"]["gamma_histogram"].values()) <= 11
     assert all(r["full_batch_tokens_per_s"] and r["decode_tokens_per_s"] for r in results.values())
     # three timed runs each; the row is the median one
     for r in results.values():
@@ -307,3 +309,12 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     assert "| full-batch tok/s | full × none |" in md
     low, high = min(spec["decode_runs"]), max(spec["decode_runs"])
     assert f"({low:.0f}–{high:.0f})" in md
+
+
+@pytest.mark.parametrize("variant", ["hf:warm", "specattn:x4", "streaming:g"])
+def test_offline_bench_refuses_a_bad_variant_before_running_anything(variant, capsys):
+    from specattn.loadtest.offline import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--contexts", "160", "--variants", f"none,{variant}", "--docs", "/nonexistent"])
+    assert exit_info.value.code == 2 and variant.split(":")[0] in capsys.readouterr().err
