@@ -7,7 +7,8 @@ A variant is `none`, `hf` (transformers generate), or `streaming` / `specattn` w
 `:g<gamma>`, `:r<budget ratio>`, `:k<min budget>` and `:adaptive`; `adaptive` alone is
 `specattn:adaptive`. A trailing `:warm` first runs the workload once untimed and keeps what the γ controller
 measured there, as a server's controller knows its workload after the first requests (otherwise every timed
-run starts from a new controller; with `--repeats`, each warm run also keeps what the runs before it taught). Greedy decoding throughout, so every variant must produce the tokens `none` does.
+run starts from a new controller; with `--repeats`, each warm run also keeps what the runs before it taught).
+Greedy decoding throughout, so every variant must produce the tokens `none` does.
 """
 
 from __future__ import annotations
