@@ -49,8 +49,9 @@ class SlotScores:
     logits: [kv_heads, 2 · group, slots] float32 or float16 scratch (the engine's is float16: a base-2 logit of
     magnitude L keeps up to L · 2⁻¹¹ of absolute error, its weight up to ln 2 times that relative error, 1 % at
     L ≈ 30 (q·k/√d ≈ 20), which the selection's ranking tolerates);
-    lse: [S, kv_heads, 2 · group] float32 scratch (each stored row's base-2 log-sum-exp); out: [kv_heads, slots] float32, the sum of the scored rows' weights over
-    the query heads of each KV head, written at the scored positions' slots.
+    lse: [S, kv_heads, 2 · group] float32 scratch (each stored row's base-2 log-sum-exp);
+    out: [kv_heads, slots] float32, the sum of the scored rows' weights over the query heads of each KV head, written
+    at the scored positions' slots.
     """
 
     rows: torch.Tensor
