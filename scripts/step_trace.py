@@ -2,6 +2,9 @@
 (e.g. whether adaptive's plain steps cost what `none`'s do, and what its speculative probes cost), and with
 --controller the step costs adaptive γ's controller recorded, in order (what its choices were made from).
 
+With --warm, the controller first learns from one run of the workload and keeps what it learned (the offline
+benchmark's `:warm` variants), so a run shows what a server's controller does once it knows its workload.
+
 Usage (GPU machine, after `source scripts/gpu_env.sh`):
     python3 scripts/step_trace.py --docs .bench-docs/*.txt --context 8192 --batch 1 --variants none,adaptive,specattn
 """
@@ -67,6 +70,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cuda")
     p.add_argument("--controller", action="store_true", help="print each step cost the γ controller recorded")
+    p.add_argument("--warm", action="store_true",
+                   help="first serve the workload once (traced as run 'warm'), then keep the γ controller across runs")
     args = p.parse_args()
     files = load_model_files(None)
     prompts = build_prompts(files, "summarize", load_documents(args.docs), args.context, args.batch, args.max_tokens)
@@ -77,8 +82,8 @@ def main() -> None:
                                         scheduler=SchedulerConfig(max_num_seqs=args.batch,
                                                                   max_num_batched_tokens=args.batch * (args.context + 64))), files)
         trace(engine, [q[:256] for q in prompts], 24)  # warm-up, as the offline benchmark does
-        for r in range(args.repeats):
-            engine.reset_stats()
+        for r in (["warm"] if args.warm else []) + list(range(args.repeats)):
+            engine.reset_stats(keep_controller=args.warm and r != "warm")
             recorded = record_controller(engine) if args.controller else []
             steps = trace(engine, prompts, args.max_tokens)
             total = sum(s for _, s, _ in steps)
@@ -94,7 +99,8 @@ def main() -> None:
             slowest = sorted(range(len(steps)), key=lambda i: -steps[i][1])[:6]
             print(f"{name} run {r}: {len(steps)} steps {total * 1e3:.1f} ms {tokens / total:.1f} tok/s | {per_gamma} | slowest "
                   + ", ".join(f"#{i} γ={steps[i][0]} {steps[i][1] * 1e3:.1f}ms" for i in slowest), flush=True)
-            if recorded:
+            if args.controller:
+                del engine.gamma_controller.record_step_time  # the class's own again: a kept controller is wrapped anew
                 print(f"{name} run {r} controller (γ:ms, batch): " + " ".join(f"{g}:{t * 1e3:.2f}" for g, _, t in recorded)
                       + f" | batches {sorted({b for _, b, _ in recorded})}", flush=True)
         del engine
