@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from specattn.kernels.reference import verification_scores, write_kv
+from specattn.kernels.reference import verification_scores
 
-from .kv_cache import KVCache, PageTable
+from .kv_cache import KVCache, KVWrite, PageTable
 
 # Sequences with at most this many queries (decodes, verifications, drafts) are padded together;
 # longer prefill chunks form their own group so decodes are not padded to a prefill's length.
@@ -118,8 +118,11 @@ class AttentionBackend(Protocol):
         or None to run it eagerly.
         """
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write this layer's new K/V into the cache and return the attention output."""
+    def kv_write(self, layer: int) -> KVWrite:
+        """Where this layer's new K/V go in the planned forward (the model writes them before calling attention)."""
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The attention output of this layer's queries over the cache, which holds the forward's new K/V."""
 
     def next_draft(self, by: torch.Tensor | None = None) -> None:
         """Move every sequence of a planned draft step one position on (or by[i] positions, a device tensor): the
@@ -240,9 +243,11 @@ class TorchAttentionBackend:
         stacked = torch.stack([F.pad(p.long(), (0, width - p.shape[1])) for p in slots], dim=1)
         return stacked, valid[None].expand(stacked.shape[0], -1, -1)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def kv_write(self, layer: int) -> KVWrite:
+        return KVWrite(self.cache.k[layer], self.cache.v[layer], self._slot_mapping)
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        write_kv(k, v, k_cache, v_cache, self._slot_mapping)
         out = torch.empty_like(q)
         for gi, g in enumerate(self._groups):
             li = layer if g.kv_slots.shape[0] > 1 else 0

@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from specattn.kernels.cache_write import write_kv
 from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.scores import gather_slot_scores, verification_scores_paged
 from specattn.kernels.verify_attention import SlotScores, serves_page_size, verify_attention
 
 from .attention import GraphShape, ScoreBatch, SequenceAttention
-from .kv_cache import KVCache, token_slots
+from .kv_cache import KVCache, KVWrite, token_slots
 
 _WORKSPACE_BYTES = 256 << 20  # split-k scratch, shared: wrappers run one at a time on one stream
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -409,10 +408,12 @@ class FlashInferAttentionBackend:
             plan.counts[: len(by)] += by.to(torch.int32)
         plan.update_write_slots()
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def kv_write(self, layer: int) -> KVWrite:
+        return KVWrite(self.cache.k[layer], self.cache.v[layer], self._plan.slot_mapping)
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         plan = self._plan
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        write_kv(k, v, k_cache, v_cache, plan.slot_mapping)
         if isinstance(plan, _DraftPlan):
             return sparse_draft_attention(
                 q, k_cache, v_cache, plan.selected[layer], plan.sel_indptr, plan.recent, plan.counts, self.scale

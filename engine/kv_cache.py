@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .config import CacheConfig, ModelConfig
+
+
+@dataclass
+class KVWrite:
+    """Where one layer's new K and V go in a forward: the layer's caches and the cache slot of each new token."""
+
+    k_cache: torch.Tensor  # [slots, kv_heads, head_dim]
+    v_cache: torch.Tensor
+    slots: torch.Tensor  # [tokens] int64
 
 
 def slot_of(page_table: PageTable | list[int], position: int, page_size: int) -> int:

@@ -8,14 +8,19 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from specattn.kernels.reference import write_kv
+
 from .config import ModelConfig
 from .gguf_loader import ModelLoadError
+from .kv_cache import KVWrite
 
 
 class Attention(Protocol):
-    """What a layer needs from the attention backend: write this step's K/V, attend, return the output."""
+    """What a layer needs from the attention backend: where its new K/V go, then attention over the cache."""
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def kv_write(self, layer: int) -> KVWrite: ...
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -43,6 +48,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+def rope_write_kv(
+    qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+) -> torch.Tensor:
+    """RoPE on the q and k heads of qk [tokens, heads + kv_heads, head_dim]; the rotated K and v [tokens, kv_heads,
+    head_dim] written to the caches at slots [tokens]. Returns the rotated q heads."""
+    qk = apply_rope(qk, cos, sin)
+    heads = qk.shape[1] - v.shape[1]
+    write_kv(qk[:, heads:], v, k_cache, v_cache, slots)
+    return qk[:, :heads]
+
+
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +79,7 @@ class DecoderModel:
         self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
         fused: bool | None = None,
     ):
-        """fused: the layer's norms, RoPE and SiLU·up as Triton kernels (None: on CUDA, where launches dominate a
+        """fused: the layer's norms, RoPE with the K/V cache write, and SiLU·up as Triton kernels (None: on CUDA, where launches dominate a
         decode step); otherwise plain torch, so CPU serving never needs Triton. Tests force it on CPU under the
         Triton interpreter."""
         self.config = config
@@ -73,10 +90,10 @@ class DecoderModel:
             # imported only here: the torch path has no Triton dependency
             from specattn.kernels import fused_layer
 
-            self._add_rms_norm, self._rope, self._silu_mul, self._rms_norm = (
-                fused_layer.add_rms_norm, fused_layer.rope_, fused_layer.silu_mul, fused_layer.rms_norm)
+            self._add_rms_norm, self._rope_write_kv, self._silu_mul, self._rms_norm = (
+                fused_layer.add_rms_norm, fused_layer.rope_write_kv, fused_layer.silu_mul, fused_layer.rms_norm)
         else:
-            self._add_rms_norm, self._rope, self._silu_mul = add_rms_norm, apply_rope, silu_mul
+            self._add_rms_norm, self._rope_write_kv, self._silu_mul = add_rms_norm, rope_write_kv, silu_mul
         c = config
 
         def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -140,13 +157,14 @@ class DecoderModel:
         for i, w in enumerate(self.layers):
             x, residual = self._add_rms_norm(delta, residual, w.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, w.qkv, w.qkv_bias)
-            # q and k heads side by side, so RoPE is one set of kernels (fewer launches per decode step)
+            # q and k heads side by side: RoPE on both and the cache write are one launch on the GPU path
             qk = qkv[:, : q_out + kv_out].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
             v = qkv[:, q_out + kv_out :].view(n, c.num_kv_heads, c.head_dim)
             if w.q_norm is not None:
                 qk = self._qk_norm(qk, w)
-            qk = self._rope(qk, cos, sin)  # fused: in place on qkv
-            o = attention(i, qk[:, : c.num_heads], qk[:, c.num_heads :], v)
+            dest = attention.kv_write(i)
+            q = self._rope_write_kv(qk, v, cos, sin, dest.k_cache, dest.v_cache, dest.slots)
+            o = attention(i, q)
             x, residual = self._add_rms_norm(F.linear(o.reshape(n, q_out), w.o_proj), residual, w.post_norm, c.rms_norm_eps)
             delta = F.linear(self._silu_mul(F.linear(x, w.gate_up)), w.down)
         return self._add_rms_norm(delta, residual, self.final_norm, c.rms_norm_eps)[0]

@@ -1,8 +1,9 @@
-"""Triton kernels for the decoder layer's elementwise work: RMSNorm (with the residual add), RoPE, SiLU·up.
+"""Triton kernels for the decoder layer's elementwise work: RMSNorm (with the residual add), RoPE with the K/V
+cache write, SiLU·up.
 
 In torch each of these is several kernels (an RMSNorm alone is ~8), and a decode step on the GPU is
 launch-bound, so each becomes one launch here. The plain-torch references are `rms_norm`,
-`add_rms_norm`, `apply_rope` and `silu_mul` in engine/model.py; tests compare the two. Math is in
+`add_rms_norm`, `rope_write_kv` and `silu_mul` in engine/model.py; tests compare the two. Math is in
 float32; where the torch reference rounds an intermediate to the model dtype, the kernel rounds it
 the same way, so both paths agree in bf16 up to reduction order.
 """
@@ -136,47 +137,75 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(
-    qk_ptr,  # [rows, heads, head_dim], rotated in place
+def _rope_write_kv_kernel(
+    qk_ptr,  # [rows, heads + kv_heads, head_dim]: q heads rotated in place, k heads read
+    v_ptr,  # [rows, kv_heads, head_dim]
     cos_ptr,  # [rows, head_dim // 2] float32
     sin_ptr,
+    k_cache_ptr,  # [slots, kv_heads, head_dim] contiguous
+    v_cache_ptr,
+    slot_ptr,  # [rows] int64 cache slot of each row's K/V
     stride_t,
     stride_h,
+    stride_v,
     stride_c,
     heads,
+    kv_heads,
     half,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < half
-    mask = (offs_h[:, None] < heads) & d_mask[None, :]
+    mask = (offs_h[:, None] < heads + kv_heads) & d_mask[None, :]
     c = tl.load(cos_ptr + row * stride_c + offs_d, mask=d_mask, other=0.0)[None, :]
     s = tl.load(sin_ptr + row * stride_c + offs_d, mask=d_mask, other=0.0)[None, :]
     p1 = qk_ptr + row * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
-    p2 = p1 + half
     x1 = tl.load(p1, mask=mask, other=0.0)
-    x2 = tl.load(p2, mask=mask, other=0.0)
+    x2 = tl.load(p1 + half, mask=mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(p1, (x1f * c - x2f * s).to(x1.dtype), mask=mask)
-    tl.store(p2, (x2f * c + x1f * s).to(x1.dtype), mask=mask)
+    r1 = (x1f * c - x2f * s).to(x1.dtype)
+    r2 = (x2f * c + x1f * s).to(x1.dtype)
+    # q heads back in place for the attention; k heads only to the cache (the qkv buffer's k is not read again)
+    is_q = mask & (offs_h < heads)[:, None]
+    tl.store(p1, r1, mask=is_q)
+    tl.store(p1 + half, r2, mask=is_q)
+    slot = tl.load(slot_ptr + row)
+    k_dst = k_cache_ptr + (slot * kv_heads + offs_h[:, None] - heads) * (2 * half) + offs_d[None, :]
+    is_k = mask & (offs_h >= heads)[:, None]
+    tl.store(k_dst, r1, mask=is_k)
+    tl.store(k_dst + half, r2, mask=is_k)
+    offs_v = tl.arange(0, BLOCK_KV)
+    v_mask = offs_v < kv_heads * 2 * half
+    v = tl.load(v_ptr + row * stride_v + offs_v, mask=v_mask)
+    tl.store(v_cache_ptr + slot * kv_heads * 2 * half + offs_v, v, mask=v_mask)
 
 
-def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in place on qk [rows, heads, head_dim] (any row/head strides, e.g. q and k heads of the
-    fused qkv projection's output); cos/sin [rows, head_dim // 2] float32 at each row's position. Returns qk.
-    """
-    rows, heads, head_dim = qk.shape
-    half = head_dim // 2
+def rope_write_kv(
+    qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate-half RoPE on the q and k heads of qk [rows, heads + kv_heads, head_dim] (any row/head strides, e.g. the
+    fused qkv projection's output), the rotated K and v [rows, kv_heads, head_dim] written to k_cache/v_cache [slots,
+    kv_heads, head_dim] at slots [rows] int64, in one launch; cos/sin [rows, head_dim // 2] float32 at each row's
+    position. Returns the q heads, rotated in place (qk's k heads are left as they were)."""
+    rows, qk_heads, head_dim = qk.shape
+    kv_heads = v.shape[1]
+    heads, half = qk_heads - kv_heads, head_dim // 2
     assert head_dim % 2 == 0 and qk.stride(2) == 1
+    assert v.shape == (rows, kv_heads, head_dim) and v.stride(2) == 1 and v.stride(1) == head_dim, "v's heads contiguous"
     assert cos.shape == sin.shape == (rows, half) and cos.dtype == sin.dtype == torch.float32
     assert cos.stride() == sin.stride() and cos.stride(1) == 1
-    if rows == 0:
-        return qk
-    _rope_kernel[(rows,)](
-        qk, cos, sin, qk.stride(0), qk.stride(1), cos.stride(0), heads, half,
-        BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(half),
-    )
-    return qk
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == qk.dtype
+    assert k_cache.shape[1:] == (kv_heads, head_dim) and slots.shape == (rows,)
+    if rows:
+        _rope_write_kv_kernel[(rows,)](
+            qk, v, cos, sin, k_cache, v_cache, slots,
+            qk.stride(0), qk.stride(1), v.stride(0), cos.stride(0), heads, kv_heads, half,
+            BLOCK_H=triton.next_power_of_2(qk_heads), BLOCK_D=triton.next_power_of_2(half),
+            BLOCK_KV=triton.next_power_of_2(kv_heads * head_dim),
+        )
+    return qk[:, :heads]

@@ -12,7 +12,8 @@ one layer's K and V cache each [slots, 3, 64] (NHD). Variants, each at every con
   scores   the Triton verification-score kernel on verify's own q and LSE, 30 launches (one per layer)
   topk     critical-token selection over [30, B, ctx] scores
   plan     host time of plan() for decode, verify and draft
-  layer    the decoder layer's fused Triton kernels (kernels/fused_layer.py: add+RMSNorm, RoPE, SiLU·up) against the
+  layer    the decoder layer's fused Triton kernels (kernels/fused_layer.py: add+RMSNorm, RoPE with the K/V cache
+           write, SiLU·up) against the
            torch ops they replace, at 128 and 640 tokens (a decode batch; a verify batch of 128 × 5 rows), hidden 576,
            intermediate 1536: each op, and 30 layers' elementwise work, replayed from a CUDA graph. Its rows
            are keyed ctx=0 (the work does not depend on the context) and B = tokens; a table of its own.
@@ -43,7 +44,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from specattn.engine.model import add_rms_norm, apply_rope, rms_norm, silu_mul
+from specattn.engine.model import add_rms_norm, rms_norm, rope_write_kv, silu_mul
 from specattn.kernels import fused_layer
 from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.reference import select_critical_tokens, verification_scores
@@ -545,11 +546,22 @@ class LayerInputs:
     cos: torch.Tensor  # [T, HEAD_DIM // 2]
     sin: torch.Tensor
     gate_up: torch.Tensor  # [T, 2 INTERMEDIATE]
+    k_cache: torch.Tensor  # [4 T, KV_HEADS, HEAD_DIM]
+    v_cache: torch.Tensor
+    slots: torch.Tensor  # [T] int64: where each token's K/V go
 
     @property
     def qk(self) -> torch.Tensor:
         """q and k heads as the model rotates them: a view whose row stride also spans v."""
         return self.qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM].view(-1, HEADS + KV_HEADS, HEAD_DIM)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].view(-1, KV_HEADS, HEAD_DIM)
+
+    @property
+    def kv_write(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.k_cache, self.v_cache, self.slots
 
 
 def make_layer_inputs(tokens: int, device: torch.device) -> LayerInputs:
@@ -561,13 +573,17 @@ def make_layer_inputs(tokens: int, device: torch.device) -> LayerInputs:
         qkv=torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=device, dtype=DTYPE),
         cos=angles.cos(), sin=angles.sin(),
         gate_up=2 * torch.randn(tokens, 2 * INTERMEDIATE, device=device, dtype=DTYPE),
+        k_cache=torch.zeros(4 * tokens, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
+        v_cache=torch.zeros(4 * tokens, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE),
+        slots=torch.randperm(4 * tokens, device=device)[:tokens],
     )
 
 
 def torch_layer_elementwise(i: LayerInputs) -> None:
-    """One layer's elementwise work as the torch path runs it: two residual adds + norms, RoPE on q and k, SiLU·up."""
+    """One layer's elementwise work as the torch path runs it: two residual adds + norms, RoPE on q and k with the
+    K/V cache write, SiLU·up."""
     _, residual = add_rms_norm(i.x, i.residual, i.weight, RMS_EPS)
-    apply_rope(i.qk, i.cos, i.sin)
+    rope_write_kv(i.qk, i.v, i.cos, i.sin, *i.kv_write)
     add_rms_norm(i.x, residual, i.weight, RMS_EPS)
     silu_mul(i.gate_up)
 
@@ -575,7 +591,7 @@ def torch_layer_elementwise(i: LayerInputs) -> None:
 def fused_layer_elementwise(i: LayerInputs) -> None:
     """The same work through the fused kernels (RoPE in place, as the model does)."""
     _, residual = fused_layer.add_rms_norm(i.x, i.residual, i.weight, RMS_EPS)
-    fused_layer.rope_(i.qk, i.cos, i.sin)
+    fused_layer.rope_write_kv(i.qk, i.v, i.cos, i.sin, *i.kv_write)
     fused_layer.add_rms_norm(i.x, residual, i.weight, RMS_EPS)
     fused_layer.silu_mul(i.gate_up)
 
@@ -624,12 +640,12 @@ def bench_layer(report: Report, tokens: int, device: torch.device) -> None:
     ok &= report.check(shape, "layer_add_rms_norm", torch.equal(new_res, ref_res), "residual sum bit-exact")
     ok &= check_layer_op(report, shape, "layer_rms_norm", fused_layer.rms_norm(i.x, i.weight, RMS_EPS),
                          rms_norm(i.x, i.weight, RMS_EPS))
-    qkv = i.qkv.clone()
-    ref_qk = apply_rope(i.qk, i.cos, i.sin)
-    fused_layer.rope_(qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, -1, HEAD_DIM), i.cos, i.sin)
-    v_kept = torch.equal(qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :], i.qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :])
-    ok &= check_layer_op(report, shape, "layer_rope", qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM], ref_qk.flatten(1))
-    ok &= report.check(shape, "layer_rope", v_kept, "v columns of the strided qkv untouched")
+    ref_caches = (i.k_cache.clone(), i.v_cache.clone())
+    ref_q = rope_write_kv(i.qk, i.v, i.cos, i.sin, *ref_caches, i.slots)
+    q = fused_layer.rope_write_kv(i.qk.clone(), i.v, i.cos, i.sin, *i.kv_write)
+    ok &= check_layer_op(report, shape, "layer_rope", q.flatten(1), ref_q.flatten(1))
+    ok &= check_layer_op(report, shape, "layer_rope", i.k_cache[i.slots], ref_caches[0][i.slots])
+    ok &= report.check(shape, "layer_rope", torch.equal(i.v_cache, ref_caches[1]), "v written as it was")
     ok &= check_layer_op(report, shape, "layer_silu_mul", fused_layer.silu_mul(i.gate_up), silu_mul(i.gate_up))
     if not ok:
         return
@@ -638,7 +654,8 @@ def bench_layer(report: Report, tokens: int, device: torch.device) -> None:
         "rms_norm": (partial(rms_norm, i.x, i.weight, RMS_EPS), partial(fused_layer.rms_norm, i.x, i.weight, RMS_EPS)),
         "add_rms_norm": (partial(add_rms_norm, i.x, i.residual, i.weight, RMS_EPS),
                          partial(fused_layer.add_rms_norm, i.x, i.residual, i.weight, RMS_EPS)),
-        "rope": (partial(apply_rope, i.qk, i.cos, i.sin), partial(fused_layer.rope_, i.qk, i.cos, i.sin)),
+        "rope": (partial(rope_write_kv, i.qk, i.v, i.cos, i.sin, *i.kv_write),
+                 partial(fused_layer.rope_write_kv, i.qk, i.v, i.cos, i.sin, *i.kv_write)),
         "silu_mul": (partial(silu_mul, i.gate_up), partial(fused_layer.silu_mul, i.gate_up)),
     }
     # Timed as a decode step runs them: replayed from a CUDA graph, once per layer (an eager call of a few-us
@@ -656,7 +673,7 @@ def bench_layer(report: Report, tokens: int, device: torch.device) -> None:
 
 def render_layer_table(report: Report, token_counts: list[int]) -> str:
     kernels = report.meta.get("layer_kernels_per_layer", {})
-    head = ("| tokens | rms_norm | add + rms_norm | rope (q+k heads) | silu·up "
+    head = ("| tokens | rms_norm | add + rms_norm | rope (q+k heads) + K/V write | silu·up "
             "| 30 layers' elementwise, one CUDA graph |")
     lines = [(f"layer: torch -> fused Triton, us per call replayed from a CUDA graph (device median), bf16, hidden "
               f"{HIDDEN}, intermediate {INTERMEDIATE}; kernels per layer: torch {kernels.get('torch', '?')}, "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from specattn.engine.attention import SequenceAttention, SparseKV, TorchAttentionBackend
 from specattn.engine.config import CacheConfig, ModelConfig
 from specattn.engine.kv_cache import KVCache
+from specattn.kernels.reference import write_kv
 
 LAYERS, HEADS, KV_HEADS, DIM = 2, 6, 2, 16
 
@@ -87,7 +88,9 @@ def run_chain_and_compare(backend, sc: Scenario, steps: int, atol: float, rtol: 
             q = padded(torch.stack([x[layer, j] for x in sc.new_q]))
             k = padded(torch.stack([x[layer, s.start_pos + j] for x, s in zip(sc.dense_k, sc.seqs)]))
             v = padded(torch.stack([x[layer, s.start_pos + j] for x, s in zip(sc.dense_v, sc.seqs)]))
-            out = backend(layer, q, k, v)
+            dest = backend.kv_write(layer)
+            write_kv(k, v, dest.k_cache, dest.v_cache, dest.slots)
+            out = backend(layer, q)
             for i, s in enumerate(sc.seqs):
                 pos = s.start_pos + j
                 kv_pos = sc.kv_positions[i][layer]
@@ -111,7 +114,9 @@ def run_and_compare(backend, sc: Scenario, atol: float, rtol: float) -> None:
         q = padded(torch.cat([x[layer] for x in sc.new_q]))
         k = padded(torch.cat([x[layer, s.start_pos :] for x, s in zip(sc.dense_k, sc.seqs)]))
         v = padded(torch.cat([x[layer, s.start_pos :] for x, s in zip(sc.dense_v, sc.seqs)]))
-        out = backend(layer, q, k, v)[:real].float().cpu().split([s.num_query for s in sc.seqs])
+        dest = backend.kv_write(layer)
+        write_kv(k, v, dest.k_cache, dest.v_cache, dest.slots)
+        out = backend(layer, q)[:real].float().cpu().split([s.num_query for s in sc.seqs])
         for i, s in enumerate(sc.seqs):
             q_pos = torch.arange(s.start_pos, s.end_pos)
             kv_pos = torch.arange(s.end_pos) if sc.kv_positions[i] is None else sc.kv_positions[i][layer]

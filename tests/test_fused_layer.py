@@ -17,8 +17,8 @@ from specattn.engine.kv_cache import KVCache
 from specattn.engine.model import (
     DecoderModel,
     add_rms_norm,
-    apply_rope,
     rms_norm,
+    rope_write_kv,
     silu_mul,
 )
 from specattn.kernels import fused_layer
@@ -93,17 +93,24 @@ def test_silu_mul_equals_reference(device, dtype, rows, inter):
 
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("rows,heads,kv_heads,head_dim", [(1, 9, 3, 64), (11, 9, 3, 64), (4, 4, 2, 80)])
-def test_rope_in_place_on_strided_qk_equals_reference(device, dtype, rows, heads, kv_heads, head_dim):
-    """q and k heads as the model has them: a view of the qkv output whose row stride also spans v."""
+def test_rope_write_kv_equals_reference(device, dtype, rows, heads, kv_heads, head_dim):
+    """q, k and v as the model has them (views of the qkv output whose row stride spans all three), written to
+    scattered slots: q rotated in place, the rotated K and v in the cache at their slots, every other slot as it was."""
     qkv = _randn(rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
-    v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(rows, kv_heads, head_dim)
     angles = torch.rand(rows, head_dim // 2) * 100
     cos, sin = angles.cos().to(device), angles.sin().to(device)
-    ref = apply_rope(qk.clone(), cos, sin)
-    assert fused_layer.rope_(qk, cos, sin) is qk
-    torch.testing.assert_close(qk, ref, **_tol(dtype))
-    torch.testing.assert_close(qkv[:, (heads + kv_heads) * head_dim :], v_before, atol=0, rtol=0)
+    num_slots = 3 * rows + 5
+    slots = torch.randperm(num_slots)[:rows].to(device)
+    caches = [_randn(num_slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    ref_q = rope_write_kv(qk.clone(), v.clone(), cos, sin, *expected, slots)
+    q = fused_layer.rope_write_kv(qk, v, cos, sin, *caches, slots)
+    assert q.data_ptr() == qkv.data_ptr() and q.shape == (rows, heads, head_dim)
+    torch.testing.assert_close(q, ref_q, **_tol(dtype))
+    torch.testing.assert_close(caches[0], expected[0], **_tol(dtype))
+    assert torch.equal(caches[1], expected[1])  # v is copied, not computed
 
 
 def _tiny_model(device: str, dtype: torch.dtype, fused: bool, qwen3: bool) -> DecoderModel:

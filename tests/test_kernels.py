@@ -12,7 +12,6 @@ import torch
 from specattn.engine.attention import SequenceAttention, TorchAttentionBackend
 from specattn.engine.config import CacheConfig, ModelConfig
 from specattn.engine.kv_cache import KVCache
-from specattn.kernels.cache_write import write_kv
 from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.reference import (
     select_critical_tokens,
@@ -20,8 +19,8 @@ from specattn.kernels.reference import (
     token_budget,
     verification_attention,
     verification_scores,
+    write_kv,
 )
-from specattn.kernels.reference import write_kv as write_kv_reference
 from specattn.kernels.selection import select_critical_tokens_batched
 
 
@@ -84,7 +83,9 @@ def test_backend_extracts_scores_while_verifying():
     backend.plan(seqs)
     q = torch.randn(25, heads, d, generator=g)
     k_new = torch.cat([dense_k[0][30:], dense_k[1]])
-    backend(0, q, k_new, torch.randn_like(k_new))
+    dest = backend.kv_write(0)
+    write_kv(k_new, torch.randn_like(k_new), dest.k_cache, dest.v_cache, dest.slots)
+    backend(0, q)
     scores = backend.take_scores()
     ref0 = _brute_force_scores(q[[0, 4]], dense_k[0], [30, 34], d**-0.5)[:31]
     ref1 = _brute_force_scores(q[[24]], dense_k[1], [19], d**-0.5)[:20]
@@ -212,32 +213,6 @@ def test_triton_draft_attention_equals_reference(heads, kv_heads):
 def test_gpu_triton_draft_attention_equals_reference(dtype):
     got, expected = _draft_case("cuda", dtype, 9, 3, seed=5)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
-
-
-def _cache_write_case(device: str, dtype: torch.dtype) -> None:
-    """K and V as the model hands them over: row-strided views of one QKV output, written to scattered slots."""
-    g = torch.Generator().manual_seed(3)
-    tokens, heads, kv_heads, d, slots = 37, 9, 3, 64, 200
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g).to(device, dtype)
-    k = qkv[:, heads * d : (heads + kv_heads) * d].view(tokens, kv_heads, d)
-    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
-    slot_mapping = torch.randperm(slots, generator=g)[:tokens].to(device)
-    caches = [torch.randn(slots, kv_heads, d, generator=g).to(device, dtype) for _ in range(2)]
-    expected = [c.clone() for c in caches]
-    write_kv_reference(k, v, *expected, slot_mapping)
-    write_kv(k, v, *caches, slot_mapping)
-    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
-    assert torch.equal(caches[0][slot_mapping], k) and torch.equal(caches[1][slot_mapping[-1]], v[-1])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_write_equals_reference(dtype):
-    _cache_write_case("cpu", dtype)
-
-
-@pytest.mark.gpu
-def test_gpu_cache_write_equals_reference():
-    _cache_write_case("cuda", torch.bfloat16)
 
 
 def test_streaming_selection_is_sinks_plus_the_window_before_the_anchor():
