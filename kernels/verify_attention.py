@@ -88,7 +88,7 @@ def _verify_attention_kernel(
     ROW_TILE: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WEIGHT_ROWS: tl.constexpr,
+    STORE_SPLITS: tl.constexpr,
     SCORING: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -98,12 +98,30 @@ def _verify_attention_kernel(
     kv_pages = tl.cdiv(kv_len, PAGE_SIZE)
     page_start = tl.load(page_indptr_ptr + seq)
     offs_d = tl.arange(0, HEAD_DIM)
-    num_slots = tl.multiple_of(num_slots, PAGE_SIZE)  # whole pages: a row of the scratch starts page-aligned
+    # whole pages: a row of the scratch starts page-aligned, which the stores along it need to go out as vectors
+    # (said as arithmetic: tl.multiple_of of a kernel argument is dropped)
+    num_slots = num_slots // PAGE_SIZE * PAGE_SIZE
 
-    # tile row r: query q_idx = r // GROUP, head kv_head · GROUP + r % GROUP
+    # tile row r: query q_idx of slot r // GROUP, head kv_head · GROUP + r % GROUP; the slots hold the queries in
+    # order, but when scoring the scored ones come first (below)
     offs_r = tl.arange(0, ROW_TILE)
     r_valid = offs_r < Q_LEN * GROUP
     q_idx = offs_r // GROUP
+    score_len = 0
+    if SCORING:
+        # query `first` takes slot 0 and `second` slot 1 (unless it is `first`), by two swaps: `first` with slot 0,
+        # then slot 1 with wherever that left `second`. Their rows, tile rows 0 … 2 · GROUP − 1, are then scratch
+        # rows 0 … 2 · GROUP − 1 (a row scored twice is stored once, as `first`): the top rows of the tile
+        score_len = tl.load(score_lens_ptr + seq)
+        score_pages = tl.cdiv(score_len, PAGE_SIZE)
+        first = tl.load(score_rows_ptr + seq * 2)
+        second = tl.load(score_rows_ptr + seq * 2 + 1)
+        second_slot = tl.where(second == first, 1, tl.where(second == 0, first, second))
+        q_idx = tl.where(q_idx == 1, second_slot, tl.where(q_idx == second_slot, 1, q_idx))
+        q_idx = tl.where(q_idx == 0, first, tl.where(q_idx == first, 0, q_idx))
+        stored_rows = tl.where(second == first, GROUP, 2 * GROUP)
+        offs_w = tl.arange(0, ROW_TILE >> STORE_SPLITS)
+        scratch_rows = logits_ptr + (kv_head * 2 * GROUP + offs_w).to(tl.int64) * num_slots
     heads = kv_head * GROUP + offs_r % GROUP
     tokens = seq.to(tl.int64) * Q_LEN + q_idx
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
@@ -112,17 +130,6 @@ def _verify_attention_kernel(
     m = tl.full([ROW_TILE], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([ROW_TILE], dtype=tl.float32)
     acc = tl.zeros([ROW_TILE, HEAD_DIM], dtype=tl.float32)
-
-    score_len = 0
-    if SCORING:
-        # the scored rows are rows of this tile: those of query `first` go to scratch rows 0 … GROUP − 1, those of
-        # `second` to GROUP … 2 · GROUP − 1 (a row scored twice is stored once, as `first`)
-        score_len = tl.load(score_lens_ptr + seq)
-        score_pages = tl.cdiv(score_len, PAGE_SIZE)
-        first = tl.load(score_rows_ptr + seq * 2)
-        second = tl.load(score_rows_ptr + seq * 2 + 1)
-        is_scored = r_valid & ((q_idx == first) | (q_idx == second))
-        scratch_rows = logits_ptr + (kv_head * 2 * GROUP + tl.where(q_idx == first, 0, GROUP) + offs_r % GROUP).to(tl.int64) * num_slots
 
     for start in range(0, kv_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -142,26 +149,25 @@ def _verify_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
         if SCORING:
+            # the tile's top rows, halved off it STORE_SPLITS times: the store then handles (and moves through shared
+            # memory into its vector layout) only those, not the whole tile with most rows masked off
+            top = logits
+            for _ in tl.static_range(STORE_SPLITS):
+                top = tl.split(tl.permute(tl.reshape(top, [2, top.shape[0] // 2, BLOCK_N]), [1, 2, 0]))[0]
             # no branch on score_len here: control flow in the loop costs the software pipelining of the K/V loads.
             # Whole pages are stored (the scored span's last page past its end too, never read): a mask that is
             # constant over each page lets the stores go out as vectors, not one store per cell
-            tl.store(scratch_rows[:, None] + slot[None, :], logits.to(logits_ptr.dtype.element_ty),
-                     mask=is_scored[:, None] & (offs_n // PAGE_SIZE < score_pages)[None, :])
+            tl.store(scratch_rows[:, None] + slot[None, :], top.to(logits_ptr.dtype.element_ty),
+                     mask=(offs_w < stored_rows)[:, None] & (offs_n // PAGE_SIZE < score_pages)[None, :])
 
     out = acc / denom[:, None]
     tl.store(out_ptr + (tokens[:, None] * tl.num_programs(1) * GROUP + heads[:, None]) * HEAD_DIM + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=r_valid[:, None])
 
     if SCORING:
-        # each stored row's log-sum-exp, picked out of the attention tile's rows: stored row w is head w % GROUP of
-        # the first (w < GROUP) or second scored query (a row scored twice: stored once, its second copy unused)
-        offs_w = tl.arange(0, WEIGHT_ROWS)
-        w_query = tl.where(offs_w >= GROUP, second, first)
-        lse = m + tl.log2(denom)
-        source = w_query * GROUP + offs_w % GROUP
-        w_lse = tl.sum(tl.where(offs_r[None, :] == source[:, None], lse[None, :], 0.0), axis=1)
-        tl.store(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + offs_w, w_lse,
-                 mask=offs_w < 2 * GROUP)
+        # each stored row's log-sum-exp: the stored rows are the tile's top rows
+        tl.store(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + offs_r, m + tl.log2(denom),
+                 mask=offs_r < stored_rows)
 
 
 @triton.jit(do_not_specialize=["num_slots"])
@@ -186,15 +192,16 @@ def _slot_weights_kernel(
     score_len = tl.load(score_lens_ptr + seq)
     score_pages = tl.cdiv(score_len, PAGE_SIZE)
     page_start = tl.load(page_indptr_ptr + seq)
-    num_slots = tl.multiple_of(num_slots, PAGE_SIZE)
+    num_slots = num_slots // PAGE_SIZE * PAGE_SIZE  # page-aligned rows, as in the attention kernel
     first = tl.load(score_rows_ptr + seq * 2)
     second = tl.load(score_rows_ptr + seq * 2 + 1)
     offs_w = tl.arange(0, WEIGHT_ROWS)
-    # a row scored twice was stored once (the first query's rows): read those twice, as its weights count twice
+    # a row scored twice was stored once (the first query's rows, and their log-sum-exps): read those twice, as its
+    # weights count twice
     w_valid = offs_w < 2 * GROUP
     w_row = tl.where((offs_w >= GROUP) & (first != second), GROUP, 0) + offs_w % GROUP
     weight_rows = logits_ptr + (kv_head * 2 * GROUP + w_row).to(tl.int64) * num_slots
-    w_lse = tl.load(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + offs_w, mask=w_valid, other=0.0)
+    w_lse = tl.load(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + w_row, mask=w_valid, other=0.0)
     for start in range(chunk * WEIGHT_BLOCK, score_len, tl.num_programs(2) * WEIGHT_BLOCK):
         offs_n = start + tl.arange(0, WEIGHT_BLOCK)
         # whole pages, as the attention kernel stored them (vector loads and stores): the weights past the scored
@@ -242,6 +249,14 @@ def verify_attention(
     out = torch.empty(tokens, heads, head_dim, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
+    row_tile = max(_MIN_ROW_TILE, triton.next_power_of_2(q_len * group))
+    weight_rows = triton.next_power_of_2(2 * group)
+    # the in-loop store of the scored rows takes the tile's top rows, halving the tile while a half is rows that
+    # each thread holds: tl.dot's accumulator keeps rows r, r + 8, r + 16, … in one thread in tiles of up to 32
+    # rows (mma.sync, 4 warps), while rows r … r + 7 are lanes, and from 64 rows (Hopper's wgmma) rows 16 apart
+    # are warps: a split across those moves the float32 tile through shared memory, costlier than the whole
+    # tile's store
+    store_rows = min(max(8, weight_rows), row_tile) if row_tile <= 32 else row_tile
     if scores is not None:
         assert scores.logits.shape[:2] == (kv_heads, 2 * group) and scores.out.shape[0] == kv_heads
         assert scores.logits.shape[2] == scores.out.shape[1] == k_cache.shape[0] and scores.out.is_contiguous()
@@ -256,15 +271,14 @@ def verify_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         scale * math.log2(math.e),
         Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim,
-        ROW_TILE=max(_MIN_ROW_TILE, triton.next_power_of_2(q_len * group)),
-        PAGE_SIZE=page_size, BLOCK_N=block_n, SCORING=scores is not None,
-        WEIGHT_ROWS=triton.next_power_of_2(2 * group),
+        ROW_TILE=row_tile, PAGE_SIZE=page_size, BLOCK_N=block_n, SCORING=scores is not None,
+        STORE_SPLITS=(row_tile // store_rows).bit_length() - 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
     if scores is not None:
         _slot_weights_kernel[(num_seqs, kv_heads, weight_chunks)](
             page_indptr, page_indices, scores.rows, scores.lengths, scores.logits, scores.lse, scores.out, k_cache.shape[0],
-            GROUP=group, PAGE_SIZE=page_size, WEIGHT_ROWS=triton.next_power_of_2(2 * group), WEIGHT_BLOCK=weight_block,
+            GROUP=group, PAGE_SIZE=page_size, WEIGHT_ROWS=weight_rows, WEIGHT_BLOCK=weight_block,
         )
     return out
