@@ -90,6 +90,11 @@ class SchedulerConfig:
 DRAFTERS = ("none", "streaming", "specattn")
 
 
+# A selection this many positions old is renewed by the request's next step that completes its sequence, plain
+# ones included (which then score their query): drafts stay current and within the graphs' recent slots.
+MAX_SELECTION_AGE = 32
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """Self-speculative decoding. See docs/speculation.md for how the defaults were chosen."""
@@ -100,6 +105,9 @@ class SpecConfig:
     budget_ratio: float = 0.05  # r: a draft keeps ceil(r * context) scored positions per layer ...
     min_budget: int = 256  # ... but at least this many (k_min)
     sink_tokens: int = 4  # the streaming drafter's attention sink
+    # a verification renews its request's selection once the selection is this many positions old (1: after every
+    # verification, as the paper does); older selections keep serving, every later position counted as recent
+    reselect_after: int = 1
 
     def __post_init__(self) -> None:
         if self.drafter not in DRAFTERS:
@@ -108,6 +116,8 @@ class SpecConfig:
             raise ValueError(f"gamma must be in [0, 16], got {self.gamma}")
         if not 0 < self.budget_ratio <= 1:
             raise ValueError(f"budget_ratio must be in (0, 1], got {self.budget_ratio}")
+        if not 1 <= self.reselect_after <= MAX_SELECTION_AGE:
+            raise ValueError(f"reselect_after must be in [1, {MAX_SELECTION_AGE}], got {self.reselect_after}")
         if self.min_budget < 1 or self.sink_tokens < 0:
             raise ValueError("min_budget must be positive and sink_tokens non-negative")
 

@@ -14,7 +14,7 @@ from specattn.kernels.reference import token_budget
 from .acceptance import accept_drafts, accept_drafts_on_device
 from .adaptive import GammaController
 from .attention import AttentionBackend, ScoreBatch, SparseKV, TorchAttentionBackend
-from .config import EngineConfig
+from .config import MAX_SELECTION_AGE, EngineConfig
 from .kv_cache import KVCache
 from .loader import ModelFiles, load_model_files
 from .model import DecoderModel
@@ -27,9 +27,6 @@ from .step_clock import StepClock, StepMark
 from .stopping import OutputTracker
 from .transfer import to_device
 
-# A selection this many positions old is renewed by the request's next plain step (which then scores its
-# query): drafts after long stretches of plain decoding stay current and within the graphs' recent slots.
-_REFRESH_AFTER = 32
 # An output token a step launched ahead takes from the device: it stands in the request's output ids from that launch
 # until the step before is accepted (token ids are never negative)
 _ON_DEVICE = -1
@@ -145,9 +142,9 @@ class LLMEngine:
                 self.cache, scale, self.model_config.num_heads, max_batch=self.config.scheduler.max_num_seqs,
                 max_query_len=spec.max_gamma + 1,
                 max_draft_selected=token_budget(self.max_context, spec.budget_ratio, spec.min_budget),
-                # a chain of drafts attends the positions since its anchor: up to 2γ right after a
-                # verification, up to _REFRESH_AFTER + γ − 1 after plain steps
-                max_draft_recent=_REFRESH_AFTER + 2 * spec.max_gamma,
+                # a chain of drafts attends the positions since its anchor: fewer than MAX_SELECTION_AGE before
+                # its step, then up to γ accepted and γ drafted
+                max_draft_recent=MAX_SELECTION_AGE + 2 * spec.max_gamma,
                 needs_scores=self.drafter is not None and self.drafter.needs_scores,
                 graphs=not self.config.enforce_eager,
             )
@@ -401,10 +398,11 @@ class LLMEngine:
                 tokens = [0] * (1 + num_drafted)
             else:
                 tokens = req.token_slice(c.start, c.start + c.num_tokens) + [0] * num_drafted
-            # a new selection after prefill and after each speculative verification; plain (γ = 0)
-            # steps keep the old one (every later position counts as recent) until it is stale
-            stale = req.draft is not None and c.start - req.draft.anchor >= _REFRESH_AFTER
-            refresh = drafting and c.completes_sequence and (num_drafted > 0 or req.draft is None or stale)
+            # a new selection after prefill, after a verification once the selection is `reselect_after` positions
+            # old, and after a plain (γ = 0) step once it is stale; until then every later position counts as recent
+            age = c.start - req.draft.anchor if req.draft is not None else MAX_SELECTION_AGE
+            refresh = drafting and c.completes_sequence and (
+                age >= MAX_SELECTION_AGE or (num_drafted > 0 and age >= self.config.spec.reselect_after))
             scored = refresh and self.drafter.needs_scores
             if refresh:
                 refreshed.append((i, req, c.start + c.num_tokens - 1))

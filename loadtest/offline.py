@@ -4,7 +4,7 @@
         --variants none,streaming,specattn,adaptive,hf --max-tokens 256 --out results/bench
 
 A variant is `none`, `hf` (transformers generate), or `streaming` / `specattn` with optional
-`:g<gamma>`, `:r<budget ratio>`, `:k<min budget>` and `:adaptive`; `adaptive` alone is
+`:g<gamma>`, `:r<budget ratio>`, `:k<min budget>`, `:s<reselect after>` and `:adaptive`; `adaptive` alone is
 `specattn:adaptive`. A trailing `:warm` first runs the workload once untimed and keeps what the γ controller
 measured there, as a server's controller knows its workload after the first requests (otherwise every timed
 run starts from a new controller; with `--repeats`, each warm run also keeps what the runs before it taught).
@@ -65,7 +65,7 @@ def parse_variant(name: str, defaults: SpecConfig) -> SpecConfig | None:
     parts = name.split(":")
     drafter = "specattn" if parts[0] == "adaptive" else parts[0]
     kw = dict(drafter=drafter, gamma=defaults.gamma, adaptive=parts[0] == "adaptive",
-              budget_ratio=defaults.budget_ratio, min_budget=defaults.min_budget)
+              budget_ratio=defaults.budget_ratio, min_budget=defaults.min_budget, reselect_after=defaults.reselect_after)
     for p in parts[1:]:
         if p == "adaptive":
             kw["adaptive"] = True
@@ -75,6 +75,8 @@ def parse_variant(name: str, defaults: SpecConfig) -> SpecConfig | None:
             kw["budget_ratio"] = float(p[1:])
         elif p[:1] == "k":
             kw["min_budget"] = int(p[1:])
+        elif p[:1] == "s":
+            kw["reselect_after"] = int(p[1:])
         else:
             raise ValueError(f"bad variant part {p!r} in {name!r}")
     return SpecConfig(**kw)

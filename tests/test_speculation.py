@@ -58,6 +58,31 @@ def test_greedy_with_preemption_equals_plain(make_engine, prompt_ids, plain_outp
     assert engine.kv_usage == 0
 
 
+def _count_selections(engine) -> list[int]:
+    """Selections the engine's drafter makes, summed into a one-item list (the drafter itself runs unchanged)."""
+    made, select = [0], engine.drafter.select
+
+    def counting(anchors, *args, **kwargs):
+        made[0] += len(anchors)
+        return select(anchors, *args, **kwargs)
+
+    engine.drafter.select = counting
+    return made
+
+
+def test_selections_renewed_every_few_positions_stay_lossless(make_engine, prompt_ids, plain_outputs):
+    """With reselect_after = 8 a verification keeps a selection younger than 8 positions (the positions since
+    count as recent): exact outputs, with far fewer selections than renewing after every verification."""
+    made = {}
+    for after in (1, 8):
+        engine = make_engine(spec=SpecConfig(drafter="specattn", reselect_after=after, **SPARSE))
+        made[after] = _count_selections(engine)
+        assert _run_staggered(engine, prompt_ids) == plain_outputs
+        _check_acceptance_is_partial(engine)
+        assert engine.kv_usage == 0
+    assert made[8][0] < 0.7 * made[1][0], made
+
+
 def test_cancel_mid_run_leaves_others_exact(make_engine, prompt_ids, plain_outputs):
     engine = make_engine(spec=SpecConfig(drafter="specattn", **SPARSE))
     for i, ids in enumerate(prompt_ids):
