@@ -65,7 +65,7 @@ def parse_variant(name: str, defaults: SpecConfig) -> SpecConfig | None:
     parts = name.split(":")
     drafter = "specattn" if parts[0] == "adaptive" else parts[0]
     kw = dict(drafter=drafter, gamma=defaults.gamma, adaptive=parts[0] == "adaptive",
-              budget_ratio=defaults.budget_ratio, min_budget=defaults.min_budget, reselect_after=defaults.reselect_after)
+              budget_ratio=defaults.budget_ratio, min_budget=defaults.min_budget)
     for p in parts[1:]:
         if p == "adaptive":
             kw["adaptive"] = True

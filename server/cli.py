@@ -31,6 +31,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false", help="always draft --gamma tokens")
     p.add_argument("--budget-ratio", type=float, default=SpecConfig.budget_ratio, help="r: drafts keep ceil(r * context) positions")
     p.add_argument("--min-budget", type=int, default=SpecConfig.min_budget, help="k_min: ... but at least this many")
+    p.add_argument("--reselect-after", type=int, default=SpecConfig.reselect_after,
+                   help="a verification renews the drafts' selection once it is this many positions old (1: after "
+                        "every verification; docs/speculation.md has where larger values paid)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -48,7 +51,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                   async_scheduling=args.async_scheduling),
         spec=SpecConfig(
             drafter=args.drafter, gamma=args.gamma, adaptive=args.adaptive,
-            budget_ratio=args.budget_ratio, min_budget=args.min_budget,
+            budget_ratio=args.budget_ratio, min_budget=args.min_budget, reselect_after=args.reselect_after,
         ),
     )
 

@@ -310,7 +310,7 @@ def test_cli_speculates_and_reports_stats():
 
     out = subprocess.run(
         [sys.executable, "-m", "specattn.server.cli", "generate", "--chat", "--prompt", CAPITAL_QUESTION, "--device", "cpu",
-         "--drafter", "specattn", "--gamma", "3", "--no-adaptive", "--stats"],
+         "--drafter", "specattn", "--gamma", "3", "--no-adaptive", "--reselect-after", "2", "--stats"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
@@ -318,6 +318,13 @@ def test_cli_speculates_and_reports_stats():
     stats = json.loads(out.stderr.strip().splitlines()[-1])
     assert stats["drafter"] == "specattn" and stats["num_draft_tokens"] == 3 * stats["num_drafts"] > 0
     assert stats["num_accepted_tokens"] == sum(stats["accepted_per_position"])
+
+
+def test_cli_refuses_a_selection_age_the_drafts_cannot_hold(capsys):
+    from specattn.server.cli import main
+
+    assert main(["generate", "--prompt", "hi", "--device", "cpu", "--reselect-after", "33"]) == 2
+    assert "reselect_after must be in [1, 32], got 33" in capsys.readouterr().err
 
 
 def test_speculation_at_the_end_of_the_context(smollm_files, tmp_path):
