@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from specattn.kernels.draft_attention import sparse_draft_attention
+from specattn.kernels.draft_attention import draft_splits, sparse_draft_attention
 from specattn.kernels.scores import gather_slot_scores, verification_scores_paged
 from specattn.kernels.verify_attention import SlotScores, serves_page_size, verify_attention
 
@@ -119,6 +119,7 @@ class _DraftPlan:
     recent: torch.Tensor  # [batch, width] int32: slots after each anchor, padded with the scratch slot
     counts: torch.Tensor  # [batch] int32: recent slots the current draft attends (the last is its own)
     slot_mapping: torch.Tensor  # [batch] int64: where the current draft writes its K/V (recent[counts − 1])
+    splits: int  # programs that share each sequence's slots per KV head (`draft_splits`)
 
     def update_write_slots(self) -> None:
         self.slot_mapping.copy_(self.recent.gather(1, self.counts.long()[:, None] - 1)[:, 0])
@@ -367,6 +368,7 @@ class FlashInferAttentionBackend:
             recent=recent,
             counts=torch.ones(batch, **i32),
             slot_mapping=torch.full((batch,), self._scratch_slot, dtype=torch.long, device=self.device),
+            splits=draft_splits(batch, self.num_kv_heads, self._num_sms),
         )
 
     def _plan_drafts(self, seqs: list[SequenceAttention], bucket: int | None) -> GraphShape | None:
@@ -416,7 +418,8 @@ class FlashInferAttentionBackend:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         if isinstance(plan, _DraftPlan):
             return sparse_draft_attention(
-                q, k_cache, v_cache, plan.selected[layer], plan.sel_indptr, plan.recent, plan.counts, self.scale
+                q, k_cache, v_cache, plan.selected[layer], plan.sel_indptr, plan.recent, plan.counts, self.scale,
+                splits=plan.splits,
             )
         if plan.triton is not None:
             t = plan.triton

@@ -178,8 +178,9 @@ def test_gpu_batched_selection_equals_reference():
         assert torch.equal(picked[:, s, :k], select_critical_tokens(scores[:, s, :n], k))
 
 
-def _draft_case(device: str, dtype: torch.dtype, heads: int, kv_heads: int, seed: int):
-    """Random K/V slots and per-sequence selected + recent slots (one sequence with no selection, one past a block)."""
+def _draft_case(device: str, dtype: torch.dtype, heads: int, kv_heads: int, seed: int, splits: int = 1):
+    """Random K/V slots and per-sequence selected + recent slots (one sequence with no selection, one past a block);
+    with splits, some splits of the short sequences attend nothing."""
     g = torch.Generator().manual_seed(seed)
     d, slots = 64, 3000
     k_cache = torch.randn(slots, kv_heads, d, generator=g).to(device, dtype)
@@ -199,19 +200,21 @@ def _draft_case(device: str, dtype: torch.dtype, heads: int, kv_heads: int, seed
         torch.tensor([len(r) for r in recent], dtype=torch.int32, device=device),
     )
     expected = sparse_attention(q, k_cache, v_cache, [torch.cat([s, r]).to(device) for s, r in zip(selected, recent)], d**-0.5)
-    return sparse_draft_attention(q, k_cache, v_cache, *args, scale=d**-0.5), expected
+    return sparse_draft_attention(q, k_cache, v_cache, *args, scale=d**-0.5, splits=splits), expected
 
 
+@pytest.mark.parametrize("splits", [1, 2, 8])
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (14, 2)])
-def test_triton_draft_attention_equals_reference(heads, kv_heads):
-    got, expected = _draft_case("cpu", torch.float32, heads, kv_heads, seed=heads)
+def test_triton_draft_attention_equals_reference(heads, kv_heads, splits):
+    got, expected = _draft_case("cpu", torch.float32, heads, kv_heads, seed=heads, splits=splits)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_triton_draft_attention_equals_reference(dtype):
-    got, expected = _draft_case("cuda", dtype, 9, 3, seed=5)
+def test_gpu_triton_draft_attention_equals_reference(dtype, splits):
+    got, expected = _draft_case("cuda", dtype, 9, 3, seed=5, splits=splits)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
