@@ -6,7 +6,8 @@ ceil(0.05 · ctx) selected slots scattered over a cache of batch · ctx slots pl
 does. Per batch size: each split count checked against one split (the merge must not change the output beyond
 bf16 rounding), then timed (triton do_bench median, µs, replayed from a CUDA graph of 30 calls: a draft forward
 runs it once per layer inside a graph), and the count `draft_splits` picks for this GPU marked.
-Usage (GPU machine, repo importable as `specattn`): python3 scripts/draft_kernel_probe.py [--ctx 8192] [--batches 1 16 ...]
+Usage (GPU machine, from the repo root after `source scripts/gpu_env.sh`, which puts it and `specattn` on the path):
+    python3 scripts/draft_kernel_probe.py [--ctx 8192] [--batches 1 16 ...]
 Prints a table; exit 1 if a check fails.
 """
 
@@ -15,10 +16,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
 
 import torch
 from triton.testing import do_bench
 
+from scripts.gpu_kernel_bench import graph_of, repeat
 from specattn.kernels.draft_attention import draft_splits, sparse_draft_attention
 
 HEADS, KV_HEADS, D, LAYERS, RECENT = 9, 3, 64, 30, 8
@@ -26,17 +29,9 @@ DTYPE = torch.bfloat16
 
 
 def graph_us(fn) -> float:
-    """µs per call of fn, replayed LAYERS times from one CUDA graph (warmed up on a side stream first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(LAYERS):
-            fn()
-    return 1000 * float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median")) / LAYERS
+    """µs per call of fn, replayed LAYERS times from one CUDA graph."""
+    return 1000 * float(do_bench(graph_of(partial(repeat, LAYERS, fn)).replay, warmup=25, rep=100,
+                                 return_mode="median")) / LAYERS
 
 
 def main() -> int:
