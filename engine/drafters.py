@@ -19,7 +19,7 @@ from .kv_cache import PageTable, slot_of
 class DraftState:
     """A request's draft context: the scored span [0, anchor] reduced to `selected`, plus all later positions."""
 
-    anchor: int  # first query position of the last verification (after prefill: the last prompt position)
+    anchor: int  # first query position of the step that renewed the selection (after prefill: the last prompt position)
     selected: torch.Tensor  # [layers, k] cache slots of the selected positions (≤ anchor)
 
     def attended(self, last_query_pos: int, page_table: PageTable, page_size: int) -> SparseKV:

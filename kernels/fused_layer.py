@@ -173,7 +173,7 @@ def _rope_write_kv_kernel(
     is_q = mask & (offs_h < heads)[:, None]
     tl.store(p1, r1, mask=is_q)
     tl.store(p1 + half, r2, mask=is_q)
-    slot = tl.load(slot_ptr + row)
+    slot = tl.load(slot_ptr + row).to(tl.int64)
     k_dst = k_cache_ptr + (slot * kv_heads + offs_h[:, None] - heads) * (2 * half) + offs_d[None, :]
     is_k = mask & (offs_h >= heads)[:, None]
     tl.store(k_dst, r1, mask=is_k)

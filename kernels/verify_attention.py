@@ -111,14 +111,14 @@ def _verify_attention_kernel(
     score_len = 0
     if SCORING:
         # query `first` takes slot 0 and `second` slot 1 (unless it is `first`), by two swaps: `first` with slot 0,
-        # then slot 1 with wherever that left `second`. Their rows, tile rows 0 … 2 · GROUP − 1, are then scratch
+        # then slot 1 with the slot `second` is at after that (`second_at`). Their rows, tile rows 0 … 2 · GROUP − 1, are then scratch
         # rows 0 … 2 · GROUP − 1 (a row scored twice is stored once, as `first`): the top rows of the tile
         score_len = tl.load(score_lens_ptr + seq)
         score_pages = tl.cdiv(score_len, PAGE_SIZE)
         first = tl.load(score_rows_ptr + seq * 2)
         second = tl.load(score_rows_ptr + seq * 2 + 1)
-        second_slot = tl.where(second == first, 1, tl.where(second == 0, first, second))
-        q_idx = tl.where(q_idx == 1, second_slot, tl.where(q_idx == second_slot, 1, q_idx))
+        second_at = tl.where(second == first, 1, tl.where(second == 0, first, second))
+        q_idx = tl.where(q_idx == 1, second_at, tl.where(q_idx == second_at, 1, q_idx))
         q_idx = tl.where(q_idx == 0, first, tl.where(q_idx == first, 0, q_idx))
         stored_rows = tl.where(second == first, GROUP, 2 * GROUP)
         offs_w = tl.arange(0, ROW_TILE >> STORE_SPLITS)

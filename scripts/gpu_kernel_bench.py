@@ -589,7 +589,7 @@ def torch_layer_elementwise(i: LayerInputs) -> None:
 
 
 def fused_layer_elementwise(i: LayerInputs) -> None:
-    """The same work through the fused kernels (RoPE in place, as the model does)."""
+    """The same work through the fused kernels (q rotated in place and K/V written to the cache, as the model does)."""
     _, residual = fused_layer.add_rms_norm(i.x, i.residual, i.weight, RMS_EPS)
     fused_layer.rope_write_kv(i.qk, i.v, i.cos, i.sin, *i.kv_write)
     fused_layer.add_rms_norm(i.x, residual, i.weight, RMS_EPS)

@@ -106,7 +106,9 @@ def test_rope_write_kv_equals_reference(device, dtype, rows, heads, kv_heads, he
     caches = [_randn(num_slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2)]
     expected = [c.clone() for c in caches]
     ref_q = rope_write_kv(qk.clone(), v.clone(), cos, sin, *expected, slots)
+    k_before = qk[:, heads:].clone()
     q = fused_layer.rope_write_kv(qk, v, cos, sin, *caches, slots)
+    assert torch.equal(qk[:, heads:], k_before)  # the k heads go to the cache only
     assert q.data_ptr() == qkv.data_ptr() and q.shape == (rows, heads, head_dim)
     torch.testing.assert_close(q, ref_q, **_tol(dtype))
     torch.testing.assert_close(caches[0], expected[0], **_tol(dtype))

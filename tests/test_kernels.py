@@ -233,7 +233,7 @@ def test_streaming_selection_is_sinks_plus_the_window_before_the_anchor():
 
 def _verify_case(
     device: str, dtype: torch.dtype, q_len: int, kv_lens: list[int], score_lens: list[int], rows: list[tuple[int, int]],
-    seed: int, scratch_dtype: torch.dtype = torch.float32, **blocks,
+    seed: int, scratch_dtype: torch.dtype = torch.float32, heads: int = 9, kv_heads: int = 3, **blocks,
 ):
     """A paged cache of shuffled pages, q_len queries per sequence at its last positions, some sequences scored on
     the given pair of query rows over positions [0, score_len).
@@ -243,7 +243,7 @@ def _verify_case(
     from specattn.kernels.verify_attention import SlotScores, verify_attention
 
     g = torch.Generator().manual_seed(seed)
-    heads, kv_heads, d, ps = 9, 3, 64, 16
+    d, ps = 64, 16
     pages = [-(-n // ps) for n in kv_lens]
     num_slots = (sum(pages) + 2) * ps
     perm = torch.randperm(sum(pages) + 2, generator=g)
@@ -268,8 +268,8 @@ def _verify_case(
     slot_scores = SlotScores(
         rows=torch.tensor(rows, **i32),
         lengths=torch.tensor(score_lens, **i32),
-        logits=torch.full((kv_heads, 6, num_slots), float("nan"), device=device, dtype=scratch_dtype),
-        lse=torch.full((len(kv_lens), kv_heads, 6), float("nan"), device=device),
+        logits=torch.full((kv_heads, 2 * heads // kv_heads, num_slots), float("nan"), device=device, dtype=scratch_dtype),
+        lse=torch.full((len(kv_lens), kv_heads, 2 * heads // kv_heads), float("nan"), device=device),
         out=torch.full((1, kv_heads, num_slots), float("nan"), device=device),
     )
     kv = torch.tensor(kv_lens, **i32)
@@ -290,6 +290,12 @@ def _verify_case(
         (5, [37, 130, 5, 64], [37, 126, 0, 64], [(0, 4), (2, 2), (4, 4), (1, 3)], {}),
         # weights in blocks of 32 shared by 2 programs per (sequence, KV head): blocks 0, 2, … and 1, 3, …
         (1, [1, 90, 17], [0, 90, 17], [(0, 0)] * 3, dict(block_n=16, weight_block=32, weight_chunks=2)),
+        # the scored queries moved to the tile's top in every order: second at 0 (or 1) before first, 6 of 6 rows
+        (2, [40, 33, 70], [40, 33, 70], [(1, 0), (0, 1), (1, 1)], {}),
+        # a 32-row tile (γ = 7) halved twice for the store; first after second, second where first was
+        (8, [50, 93], [50, 93], [(7, 0), (3, 7)], {}),
+        # a 64-row tile stored whole (γ = 16); 2 · group = 10 scratch rows (group 5)
+        (17, [40, 81], [40, 81], [(16, 0), (0, 16)], dict(heads=10, kv_heads=2)),
     ],
 )
 def test_triton_verify_attention_equals_reference(q_len, kv_lens, score_lens, rows, blocks):
