@@ -1,9 +1,9 @@
 """The torch attention backend over the paged KV cache: the reference every GPU kernel is tested against.
 
 Like FlashInfer, it splits work into plan() (once per step: slots, gather indices, masks) and the
-per-layer call (gather, attend; the model has written the step's K/V at `kv_write(layer)`). Full attention: queries at known positions
-attend to every earlier position of their sequence, causally. Sparse drafts: one query attends to
-exactly the cache slots it is given, per layer (all of them precede it).
+per-layer call (gather, attend; the model has written the step's K/V at `kv_write(layer)`). Full attention:
+queries at known positions attend to every earlier position of their sequence, causally. Sparse drafts: one
+query attends to exactly the cache slots it is given, per layer (all of them precede it).
 """
 
 from __future__ import annotations

@@ -79,9 +79,9 @@ class DecoderModel:
         self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
         fused: bool | None = None,
     ):
-        """fused: the layer's norms, RoPE with the K/V cache write, and SiLU·up as Triton kernels (None: on CUDA, where launches dominate a
-        decode step); otherwise plain torch, so CPU serving never needs Triton. Tests force it on CPU under the
-        Triton interpreter."""
+        """fused: the layer's norms, RoPE with the K/V cache write, and SiLU·up as Triton kernels (None: on CUDA,
+        where launches dominate a decode step); otherwise plain torch, so CPU serving never needs Triton. Tests
+        force it on CPU under the Triton interpreter."""
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)

@@ -196,7 +196,8 @@ def rope_write_kv(
     kv_heads = v.shape[1]
     heads, half = qk_heads - kv_heads, head_dim // 2
     assert head_dim % 2 == 0 and qk.stride(2) == 1
-    assert v.shape == (rows, kv_heads, head_dim) and v.stride(2) == 1 and v.stride(1) == head_dim, "v's heads contiguous"
+    assert v.shape == (rows, kv_heads, head_dim) and v.stride(2) == 1 and v.stride(1) == head_dim, \
+        "v's heads contiguous"
     assert cos.shape == sin.shape == (rows, half) and cos.dtype == sin.dtype == torch.float32
     assert cos.stride() == sin.stride() and cos.stride(1) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == qk.dtype

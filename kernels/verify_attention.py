@@ -111,8 +111,8 @@ def _verify_attention_kernel(
     score_len = 0
     if SCORING:
         # query `first` takes slot 0 and `second` slot 1 (unless it is `first`), by two swaps: `first` with slot 0,
-        # then slot 1 with the slot `second` is at after that (`second_at`). Their rows, tile rows 0 … 2 · GROUP − 1, are then scratch
-        # rows 0 … 2 · GROUP − 1 (a row scored twice is stored once, as `first`): the top rows of the tile
+        # then slot 1 with the slot `second` is at after that (`second_at`). Their rows, tile rows 0 … 2 · GROUP − 1,
+        # are then scratch rows 0 … 2 · GROUP − 1 (a row scored twice is stored once, as `first`): the tile's top rows
         score_len = tl.load(score_lens_ptr + seq)
         score_pages = tl.cdiv(score_len, PAGE_SIZE)
         first = tl.load(score_rows_ptr + seq * 2)
@@ -202,7 +202,8 @@ def _slot_weights_kernel(
     w_valid = offs_w < 2 * GROUP
     w_row = tl.where((offs_w >= GROUP) & (first != second), GROUP, 0) + offs_w % GROUP
     weight_rows = logits_ptr + (kv_head * 2 * GROUP + w_row).to(tl.int64) * num_slots
-    w_lse = tl.load(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + w_row, mask=w_valid, other=0.0)
+    w_lse = tl.load(lse_ptr + (seq.to(tl.int64) * tl.num_programs(1) + kv_head) * 2 * GROUP + w_row,
+                    mask=w_valid, other=0.0)
     for start in range(chunk * WEIGHT_BLOCK, score_len, tl.num_programs(2) * WEIGHT_BLOCK):
         offs_n = start + tl.arange(0, WEIGHT_BLOCK)
         # whole pages, as the attention kernel stored them: the weights past the scored

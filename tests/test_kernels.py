@@ -268,7 +268,8 @@ def _verify_case(
     slot_scores = SlotScores(
         rows=torch.tensor(rows, **i32),
         lengths=torch.tensor(score_lens, **i32),
-        logits=torch.full((kv_heads, 2 * heads // kv_heads, num_slots), float("nan"), device=device, dtype=scratch_dtype),
+        logits=torch.full((kv_heads, 2 * heads // kv_heads, num_slots), float("nan"), device=device,
+                          dtype=scratch_dtype),
         lse=torch.full((len(kv_lens), kv_heads, 2 * heads // kv_heads), float("nan"), device=device),
         out=torch.full((1, kv_heads, num_slots), float("nan"), device=device),
     )
