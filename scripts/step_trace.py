@@ -71,7 +71,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--controller", action="store_true", help="print each step cost the γ controller recorded")
     p.add_argument("--warm", action="store_true",
-                   help="first serve the workload once (traced as run 'warm'), then keep the γ controller across runs")
+                   help="first serve the workload once with a new controller (traced as run 'warm-up'), then keep "
+                        "the γ controller across the runs after it")
     args = p.parse_args()
     files = load_model_files(None)
     prompts = build_prompts(files, "summarize", load_documents(args.docs), args.context, args.batch, args.max_tokens)
@@ -82,8 +83,8 @@ def main() -> None:
                                         scheduler=SchedulerConfig(max_num_seqs=args.batch,
                                                                   max_num_batched_tokens=args.batch * (args.context + 64))), files)
         trace(engine, [q[:256] for q in prompts], 24)  # warm-up, as the offline benchmark does
-        for r in (["warm"] if args.warm else []) + list(range(args.repeats)):
-            engine.reset_stats(keep_controller=args.warm and r != "warm")
+        for r in (["warm-up"] if args.warm else []) + list(range(args.repeats)):
+            engine.reset_stats(keep_controller=args.warm and r != "warm-up")
             recorded = record_controller(engine) if args.controller else []
             steps = trace(engine, prompts, args.max_tokens)
             total = sum(s for _, s, _ in steps)
