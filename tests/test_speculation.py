@@ -40,10 +40,13 @@ def _check_acceptance_is_partial(engine):
 
 @pytest.mark.parametrize("drafter", ["streaming", "specattn"])
 def test_greedy_staggered_batch_equals_plain(make_engine, prompt_ids, plain_outputs, drafter):
+    """Also: by default every verification renews its request's selection (as the paper does)."""
     engine = make_engine(spec=SpecConfig(drafter=drafter, **SPARSE))
+    ages = _renewal_ages(engine)
     assert _run_staggered(engine, prompt_ids) == plain_outputs
     _check_acceptance_is_partial(engine)
     assert engine.kv_usage == 0
+    _check_renewed_within_a_verification(ages, 1)
 
 
 @pytest.mark.parametrize("drafter", ["streaming", "specattn"])
@@ -71,20 +74,23 @@ def _renewal_ages(engine) -> list[int]:
     return ages
 
 
+def _check_renewed_within_a_verification(ages: list[int], reselect_after: int) -> None:
+    """Selections were renewed no younger than reselect_after, and by the first verification that found them that
+    old: a verification moves a request 1 … γ + 1 positions on."""
+    assert ages and reselect_after <= min(ages) and max(ages) < reselect_after + SPARSE["gamma"] + 1, sorted(set(ages))
+
+
 def test_selections_renewed_every_few_positions_stay_lossless(make_engine, prompt_ids, plain_outputs):
     """With reselect_after = 8 a verification keeps a selection younger than 8 positions (the positions since
-    count as recent) and renews it at the first verification that finds it 8 or older: exact outputs either way."""
-    gamma = SPARSE["gamma"]
-    for after in (1, 8):
-        engine = make_engine(spec=SpecConfig(drafter="specattn", reselect_after=after, **SPARSE))
-        ages = _renewal_ages(engine)
-        assert _run_staggered(engine, prompt_ids) == plain_outputs
-        _check_acceptance_is_partial(engine)
-        assert engine.kv_usage == 0
-        # a verification moves a request 1 … γ + 1 positions on, so the first one past the limit renews within γ + 1
-        assert ages and after <= min(ages) and max(ages) < after + gamma + 1, (after, sorted(set(ages)))
-        if after == 8:
-            assert max(ages) > gamma + 1  # selections outlived several verifications
+    count as recent) and renews it at the first verification that finds it 8 or older: exact outputs.
+    (Renewal after every verification, the default, is checked by test_greedy_staggered_batch_equals_plain.)"""
+    engine = make_engine(spec=SpecConfig(drafter="specattn", reselect_after=8, **SPARSE))
+    ages = _renewal_ages(engine)
+    assert _run_staggered(engine, prompt_ids) == plain_outputs
+    _check_acceptance_is_partial(engine)
+    assert engine.kv_usage == 0
+    _check_renewed_within_a_verification(ages, 8)
+    assert max(ages) > SPARSE["gamma"] + 1  # selections outlived several verifications
 
 
 def test_cancel_mid_run_leaves_others_exact(make_engine, prompt_ids, plain_outputs):
