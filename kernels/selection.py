@@ -1,6 +1,7 @@
-"""Critical-token selection for a whole batch at once, on the scores' device: one top-k and one sort per step.
+"""Critical-token selection for a whole batch at once, on the scores' device.
 
-`kernels.reference.select_critical_tokens` is the per-sequence reference; tests compare the two.
+On CUDA one Triton launch per step (`kernels.radix_select`); elsewhere a torch top-k and a sort. Both return what
+`kernels.reference.select_critical_tokens` returns per sequence; tests compare them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,17 @@ def select_critical_tokens_batched(scores: torch.Tensor, budgets: list[int]) -> 
     budgets: [S] k of each sequence. Returns [layers, S, max(budgets)]: row s holds its k_s positions
     first, then N as padding.
     """
+    if scores.is_cuda:
+        # imported here: CPU serving never needs Triton
+        from specattn.kernels.radix_select import select_critical_tokens_triton
+
+        k = torch.tensor(budgets, dtype=torch.int32).to(scores.device, non_blocking=True)
+        return select_critical_tokens_triton(scores.float().contiguous(), k, max(budgets))
+    return select_critical_tokens_torch(scores, budgets)
+
+
+def select_critical_tokens_torch(scores: torch.Tensor, budgets: list[int]) -> torch.Tensor:
+    """`select_critical_tokens_batched` as one top-k and one sort (ties in top-k's order)."""
     width = scores.shape[-1]
     top = torch.topk(scores, max(budgets), dim=-1, sorted=True).indices
     rank = torch.arange(top.shape[-1], device=scores.device)

@@ -10,7 +10,8 @@ one layer's K and V cache each [slots, 3, 64] (NHD). Variants, each at every con
            the 30-layer pattern of that design: plan once on an indices buffer, refill it per layer, run; and the
            engine's Triton draft kernel (no plan) over the same slots
   scores   the Triton verification-score kernel on verify's own q and LSE, 30 launches (one per layer)
-  topk     critical-token selection over [30, B, ctx] scores
+  topk     the engine's critical-token selection (kernels/radix_select.py) over [30, B, ctx] scores, checked
+           against top-k + sort per sequence
   plan     host time of plan() for decode, verify and draft
   layer    the decoder layer's fused Triton kernels (kernels/fused_layer.py: add+RMSNorm, RoPE with the K/V cache
            write, SiLU·up) against the
@@ -49,6 +50,7 @@ from specattn.kernels import fused_layer
 from specattn.kernels.draft_attention import sparse_draft_attention
 from specattn.kernels.reference import select_critical_tokens, verification_scores
 from specattn.kernels.scores import verification_scores_paged
+from specattn.kernels.selection import select_critical_tokens_batched
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, PAGE = 9, 3, 64, 30, 16
 DTYPE = torch.bfloat16
@@ -507,8 +509,11 @@ def bench_draft(report: Report, w: Wrappers, case: Case) -> None:
 
 def bench_topk(report: Report, case: Case) -> None:
     scores = torch.rand(LAYERS, case.batch, case.ctx, device=case.device)
-    k = math.ceil(DRAFT_RATIO * case.ctx)
-    report.timing(case, "topk", bench_ms(partial(select_critical_tokens, scores, k)), scores.numel() * 4.0)
+    budgets = [math.ceil(DRAFT_RATIO * case.ctx)] * case.batch
+    run = partial(select_critical_tokens_batched, scores, budgets)
+    ref = torch.stack([select_critical_tokens(scores[:, s], budgets[s]) for s in range(case.batch)], dim=1)
+    if report.check(case, "topk", torch.equal(run(), ref), "the engine's selection equals top-k + sort per sequence"):
+        report.timing(case, "topk", bench_ms(run), scores.numel() * 4.0)
 
 
 def run_case(report: Report, w: Wrappers, ctx: int, batch: int, device: torch.device) -> None:

@@ -142,15 +142,6 @@ def test_triton_scores_equal_reference(seed):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-4)  # including -1 past each length
 
 
-def test_batched_selection_equals_per_sequence_reference():
-    g = torch.Generator().manual_seed(5)
-    lengths, budgets = [50, 17, 33], [10, 17, 4]
-    scores = torch.full((3, 3, 50), -1.0)
-    for s, n in enumerate(lengths):
-        scores[:, s, :n] = torch.rand(3, n, generator=g)
-    picked = select_critical_tokens_batched(scores, budgets)
-    for s, (n, k) in enumerate(zip(lengths, budgets)):
-        assert torch.equal(picked[:, s, :k], select_critical_tokens(scores[:, s, :n], k))
 
 
 @pytest.mark.gpu
@@ -165,17 +156,64 @@ def test_gpu_triton_scores_equal_reference(dtype):
     torch.testing.assert_close(out.cpu(), ref, atol=2e-4, rtol=2e-2)
 
 
-@pytest.mark.gpu
-def test_gpu_batched_selection_equals_reference():
-    g = torch.Generator().manual_seed(9)
-    lengths = [8192, 4000, 300]
-    budgets = [token_budget(n, 0.05, 256) for n in lengths]
-    scores = torch.full((30, 3, 8192), -1.0)
+def _selection_problem(seed: int, layers: int, lengths: list[int]) -> torch.Tensor:
+    """Random scores of sequences of the given lengths, -1 past each length (as verification leaves them)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.full((layers, len(lengths), max(lengths)), -1.0)
     for s, n in enumerate(lengths):
-        scores[:, s, :n] = torch.rand(30, n, generator=g)
-    picked = select_critical_tokens_batched(scores.cuda(), budgets).cpu()
+        scores[:, s, :n] = torch.rand(layers, n, generator=g)
+    return scores
+
+
+def _assert_selection(picked: torch.Tensor, scores: torch.Tensor, lengths: list[int], budgets: list[int]) -> None:
     for s, (n, k) in enumerate(zip(lengths, budgets)):
         assert torch.equal(picked[:, s, :k], select_critical_tokens(scores[:, s, :n], k))
+        assert (picked[:, s, k:] == scores.shape[-1]).all()  # padding
+
+
+def test_batched_selection_equals_per_sequence_reference():
+    lengths, budgets = [50, 17, 33], [10, 17, 4]
+    scores = _selection_problem(5, 3, lengths)
+    _assert_selection(select_critical_tokens_batched(scores, budgets), scores, lengths, budgets)
+
+
+def test_triton_selection_equals_reference():
+    """The one-launch selection (interpreted on CPU) over rows several blocks long, budgets from 1 to the whole
+    row, a width that is not a multiple of the block."""
+    pytest.importorskip("triton")  # requirements-test.txt pins it; the `test` extra alone does not
+    from specattn.kernels.radix_select import select_critical_tokens_triton
+
+    lengths, budgets = [70, 17, 33, 1, 70], [10, 17, 4, 1, 69]
+    scores = _selection_problem(5, 3, lengths)
+    picked = select_critical_tokens_triton(scores, torch.tensor(budgets, dtype=torch.int32), 72, block=16)
+    assert picked.shape == (3, 5, 72)
+    _assert_selection(picked, scores, lengths, budgets)
+
+
+def test_triton_selection_takes_ties_lowest_position_first():
+    """Equal scores at the cut are taken in position order, and every float orders as its value: -0.0 ties 0.0,
+    infinities and subnormals in place, the -1 padding below every weight."""
+    pytest.importorskip("triton")
+    from specattn.kernels.radix_select import select_critical_tokens_triton
+
+    tied = torch.zeros(1, 1, 40)
+    tied[0, 0, [3, 7, 30]] = 1.0
+    k = torch.tensor([5], dtype=torch.int32)
+    assert select_critical_tokens_triton(tied, k, 6, block=16).tolist() == [[[0, 1, 3, 7, 30, 40]]]
+    odd = torch.tensor([[[-0.0, 0.0, -1.0, float("inf"), float("-inf"), 1e-40, -1e-40, 3.0]]])
+    k = torch.tensor([6], dtype=torch.int32)
+    assert select_critical_tokens_triton(odd, k, 6, block=4).tolist() == [[[0, 1, 3, 5, 6, 7]]]
+
+
+@pytest.mark.gpu
+def test_gpu_batched_selection_equals_reference():
+    lengths = [8192, 4000, 300, 1]
+    budgets = [token_budget(n, 0.05, 256) for n in lengths]
+    scores = _selection_problem(9, 30, lengths)
+    _assert_selection(select_critical_tokens_batched(scores.cuda(), budgets).cpu(), scores, lengths, budgets)
+    tied = torch.zeros(2, 1, 5000, device="cuda")
+    tied[:, :, 4000] = 1.0
+    assert select_critical_tokens_batched(tied, [300]).cpu().tolist() == [[[*range(299), 4000]]] * 2
 
 
 def _draft_case(device: str, dtype: torch.dtype, heads: int, kv_heads: int, seed: int, splits: int = 1):

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Probe: critical-token selection of a whole step, the one-launch Triton kernel against torch's top-k and sort.
+
+Scores as a verification of the default model leaves them: [30 layers, batch, ctx] float32, a budget of
+ceil(0.05 · ctx) per sequence. Per (ctx, batch): the kernel (at a few block sizes) checked against the torch path,
+then each timed as the engine calls it, budgets list in, positions out (triton do_bench median, µs; the selection
+runs eagerly, between a verification and the next draft chain).
+Usage (GPU machine, from the repo root after `source scripts/gpu_env.sh`, which puts it and `specattn` on the path):
+    python3 scripts/select_kernel_probe.py [--contexts 4096 8192] [--batches 1 16 ...]
+Prints a table; exit 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from functools import partial
+
+import torch
+from triton.testing import do_bench
+
+from specattn.kernels.radix_select import select_critical_tokens_triton
+from specattn.kernels.selection import select_critical_tokens_batched, select_critical_tokens_torch
+
+LAYERS = 30
+CONFIGS = [(1024, 4), (2048, 8), (4096, 8)]  # (block, warps); the engine uses the first
+
+
+def us(fn) -> float:
+    return 1000 * float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def triton_path(scores: torch.Tensor, budgets: list[int], block: int, warps: int) -> torch.Tensor:
+    k = torch.tensor(budgets, dtype=torch.int32).to(scores.device, non_blocking=True)
+    return select_critical_tokens_triton(scores, k, max(budgets), block=block, num_warps=warps)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128, 256])
+    args = ap.parse_args()
+    ok = True
+    heads = " | ".join(f"triton {b}/{w}" for b, w in CONFIGS)
+    print(f"| ctx | batch | torch top-k + sort | {heads} | engine path | speed-up |")
+    print("|---:|---:|---:|" + "---:|" * len(CONFIGS) + "---:|---:|")
+    for ctx in args.contexts:
+        for batch in args.batches:
+            scores = torch.rand(LAYERS, batch, ctx, device="cuda")
+            budgets = [math.ceil(0.05 * ctx)] * batch
+            ref = select_critical_tokens_torch(scores, budgets)
+            times = [us(partial(select_critical_tokens_torch, scores, budgets))]
+            for block, warps in CONFIGS:
+                run = partial(triton_path, scores, budgets, block, warps)
+                same = torch.equal(run(), ref)
+                ok &= same
+                times.append(us(run) if same else float("nan"))
+            engine = partial(select_critical_tokens_batched, scores, budgets)
+            ok &= torch.equal(engine(), ref)
+            times.append(us(engine))
+            cells = " | ".join(f"{t:.1f}" for t in times)
+            print(f"| {ctx} | {batch} | {cells} | {times[0] / times[-1]:.1f}x |", flush=True)
+    print("checks:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
