@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from specattn.kernels.reference import token_budget
+from specattn.kernels.selection import compile_selection
 
 from .acceptance import accept_drafts, accept_drafts_on_device
 from .adaptive import GammaController
@@ -131,6 +132,8 @@ class LLMEngine:
             if self.drafter is not None:  # every γ's chain replays the one draft forward's graph
                 sparse = SparseKV(no_selection, -1, [first_slot])
                 self.runner.run_drafts([SequenceInput([0], 0, scratch, 1, sparse=sparse)] * b, 1, None)
+        if scored:
+            compile_selection(self.max_request_tokens, self.cache.k.device)
 
     def _attention_backend(self) -> AttentionBackend:
         scale = self.model_config.head_dim**-0.5

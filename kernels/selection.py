@@ -25,6 +25,15 @@ def select_critical_tokens_batched(scores: torch.Tensor, budgets: list[int]) -> 
     return select_critical_tokens_torch(scores, budgets)
 
 
+def compile_selection(max_width: int, device: torch.device) -> None:
+    """Compile what the selection runs on this device for rows up to max_width (on CUDA: the Triton kernel's launch
+    shapes), so that no request waits for a compile mid-run."""
+    if device.type == "cuda":
+        from specattn.kernels.radix_select import compile_for_widths
+
+        compile_for_widths(max_width, device)
+
+
 def select_critical_tokens_torch(scores: torch.Tensor, budgets: list[int]) -> torch.Tensor:
     """`select_critical_tokens_batched` as one top-k and one sort (ties in top-k's order)."""
     width = scores.shape[-1]

@@ -2,9 +2,10 @@
 """Probe: critical-token selection of a whole step, the one-launch Triton kernel against torch's top-k and sort.
 
 Scores as a verification of the default model leaves them: [30 layers, batch, ctx] float32, a budget of
-ceil(0.05 · ctx) per sequence. Per (ctx, batch): the kernel (at a few block sizes) checked against the torch path,
-then each timed as the engine calls it, budgets list in, positions out (triton do_bench median, µs; the selection
-runs eagerly, between a verification and the next draft chain).
+ceil(0.05 · ctx) per sequence. Per (ctx, batch): the kernel, its row held in registers at 4, 8 and 16 warps and read
+in chunks of 2048 at 8 warps, checked against the torch path, then each timed as the engine calls it, budgets list
+in, positions out (triton do_bench median, µs; the selection runs eagerly, between a verification and the next draft
+chain); the engine path uses `launch_shape`'s choice.
 Usage (GPU machine, from the repo root after `source scripts/gpu_env.sh`, which puts it and `specattn` on the path):
     python3 scripts/select_kernel_probe.py [--contexts 4096 8192] [--batches 1 16 ...]
 Prints a table; exit 1 if a check fails.
@@ -20,20 +21,21 @@ from functools import partial
 import torch
 from triton.testing import do_bench
 
-from specattn.kernels.radix_select import select_critical_tokens_triton
+from specattn.kernels.radix_select import launch_shape, select_critical_tokens_triton
 from specattn.kernels.selection import select_critical_tokens_batched, select_critical_tokens_torch
 
 LAYERS = 30
-CONFIGS = [(1024, 4), (2048, 8), (4096, 8)]  # (block, warps); the engine uses the first
+WARPS = [4, 8, 16]  # the row in registers
+CHUNKED = (2048, False, 8)
 
 
 def us(fn) -> float:
     return 1000 * float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def triton_path(scores: torch.Tensor, budgets: list[int], block: int, warps: int) -> torch.Tensor:
+def triton_path(scores: torch.Tensor, budgets: list[int], shape: tuple[int, bool, int]) -> torch.Tensor:
     k = torch.tensor(budgets, dtype=torch.int32).to(scores.device, non_blocking=True)
-    return select_critical_tokens_triton(scores, k, max(budgets), block=block, num_warps=warps)
+    return select_critical_tokens_triton(scores, k, max(budgets), shape)
 
 
 def main() -> int:
@@ -42,17 +44,18 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128, 256])
     args = ap.parse_args()
     ok = True
-    heads = " | ".join(f"triton {b}/{w}" for b, w in CONFIGS)
+    heads = " | ".join([f"registers, {w} warps" for w in WARPS] + ["chunks of 2048, 8 warps"])
     print(f"| ctx | batch | torch top-k + sort | {heads} | engine path | speed-up |")
-    print("|---:|---:|---:|" + "---:|" * len(CONFIGS) + "---:|---:|")
+    print("|---:|---:|---:|" + "---:|" * (len(WARPS) + 1) + "---:|---:|")
     for ctx in args.contexts:
         for batch in args.batches:
             scores = torch.rand(LAYERS, batch, ctx, device="cuda")
             budgets = [math.ceil(0.05 * ctx)] * batch
             ref = select_critical_tokens_torch(scores, budgets)
             times = [us(partial(select_critical_tokens_torch, scores, budgets))]
-            for block, warps in CONFIGS:
-                run = partial(triton_path, scores, budgets, block, warps)
+            block = launch_shape(ctx)[0]
+            for shape in [(block, True, w) for w in WARPS] + [CHUNKED]:
+                run = partial(triton_path, scores, budgets, shape)
                 same = torch.equal(run(), ref)
                 ok &= same
                 times.append(us(run) if same else float("nan"))

@@ -178,16 +178,18 @@ def test_batched_selection_equals_per_sequence_reference():
 
 
 def test_triton_selection_equals_reference():
-    """The one-launch selection (interpreted on CPU) over rows several blocks long, budgets from 1 to the whole
-    row, a width that is not a multiple of the block."""
+    """The one-launch selection (interpreted on CPU) over rows held whole and rows several blocks long, budgets from
+    1 to the whole row, a width that is not a multiple of the block."""
     pytest.importorskip("triton")  # requirements-test.txt pins it; the `test` extra alone does not
     from specattn.kernels.radix_select import select_critical_tokens_triton
 
     lengths, budgets = [70, 17, 33, 1, 70], [10, 17, 4, 1, 69]
     scores = _selection_problem(5, 3, lengths)
-    picked = select_critical_tokens_triton(scores, torch.tensor(budgets, dtype=torch.int32), 72, block=16)
-    assert picked.shape == (3, 5, 72)
-    _assert_selection(picked, scores, lengths, budgets)
+    k = torch.tensor(budgets, dtype=torch.int32)
+    for shape in [(16, False, 4), (128, True, 4)]:  # the row read in chunks each pass; held whole
+        picked = select_critical_tokens_triton(scores, k, 72, shape)
+        assert picked.shape == (3, 5, 72)
+        _assert_selection(picked, scores, lengths, budgets)
 
 
 def test_triton_selection_takes_ties_lowest_position_first():
@@ -199,10 +201,11 @@ def test_triton_selection_takes_ties_lowest_position_first():
     tied = torch.zeros(1, 1, 40)
     tied[0, 0, [3, 7, 30]] = 1.0
     k = torch.tensor([5], dtype=torch.int32)
-    assert select_critical_tokens_triton(tied, k, 6, block=16).tolist() == [[[0, 1, 3, 7, 30, 40]]]
+    for shape in [(16, False, 4), (64, True, 4)]:
+        assert select_critical_tokens_triton(tied, k, 6, shape).tolist() == [[[0, 1, 3, 7, 30, 40]]]
     odd = torch.tensor([[[-0.0, 0.0, -1.0, float("inf"), float("-inf"), 1e-40, -1e-40, 3.0]]])
     k = torch.tensor([6], dtype=torch.int32)
-    assert select_critical_tokens_triton(odd, k, 6, block=4).tolist() == [[[0, 1, 3, 5, 6, 7]]]
+    assert select_critical_tokens_triton(odd, k, 6, (4, False, 4)).tolist() == [[[0, 1, 3, 5, 6, 7]]]
 
 
 @pytest.mark.gpu
