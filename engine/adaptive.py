@@ -16,7 +16,9 @@ fixed part (the verification's extra work, scores, selection, a sync) plus a par
 t(γ) = t(0) + c + γ·d for γ ≥ 1: an unmeasured γ is read off the line through the measured ones (with only one
 measured, c is taken as 0, which makes shorter drafts look cheaper than they are, so they get tried and
 measured rather than written off). Acceptance is a decayed count per position.
-Plain decoding is timed first (twice), then γ_max (twice where it could be chosen, were every draft accepted).
+Plain decoding is timed first (twice), then γ_max (twice where it could be chosen, were every draft accepted); in a
+bucket new to a controller that has chosen in another, the nearest such bucket's choice comes first (twice), so a
+batch thinning at the end of a run does not spend the few steps it has in each bucket on plain decoding.
 While plain decoding wins, the most promising γ is probed now and then (only where speculation could be chosen
 with every draft accepted; after 32 steps, then twice as long after each probe plain decoding still wins, up to
 1024) so that a change in the text's predictability is noticed; while a shorter γ wins, γ_max is timed again
@@ -52,6 +54,7 @@ class GammaController:
         self._samples: dict[int, Counter[int]] = {}  # bucket -> gamma -> step times recorded
         self._recent: dict[int, dict[int, deque[tuple[int, float]]]] = {}  # bucket -> gamma -> its last (step, time)
         self._remeasured_at: dict[int, int] = {}  # bucket -> step γ_max was last chosen to be measured again
+        self._chosen: dict[int, int] = {}  # bucket -> γ it last chose from its measurements (0: plain decoding)
         self._steps = 0
         self._probe_wait = _PROBE_EVERY
         self._next_probe = _PROBE_EVERY
@@ -79,22 +82,28 @@ class GammaController:
     def _choose(self, batch_size: int) -> int:
         if self.max_gamma == 0:
             return 0
-        times = self._step_time.setdefault(_bucket(batch_size), {})
-        samples = self._samples.get(_bucket(batch_size), Counter())
+        bucket = _bucket(batch_size)
+        times = self._step_time.setdefault(bucket, {})
+        samples = self._samples.get(bucket, Counter())
         # plain decoding, then γ_max, each timed twice before anything is read off them: the first step of a
         # bucket can carry one-off costs (allocations at a new size), and a run may be over before a remeasure.
-        # (γ_max's second time only where speculation could be chosen, were every draft accepted.)
+        # (γ_max's second time only where speculation could be chosen, were every draft accepted.) A bucket new to
+        # a controller that has chosen elsewhere first does what the nearest such bucket chose, until that choice
+        # is timed twice here: a batch thinning at the end of a run passes through a bucket in a few steps, which
+        # plain steps for measurement would otherwise fill.
         if samples[0] < 2:
-            return 0
+            borrowed = self._nearest_choice(bucket)
+            return borrowed if borrowed is not None and samples[borrowed] < 2 else 0
         top = self.max_gamma
         if samples[top] == 0 or (samples[top] == 1 and (top + 1) / times[top] > _MARGIN / times[0]):
             return top
         cost = self._step_cost(times)
         rates = {g: self.expected_tokens(g) / cost(g) for g in range(1, self.max_gamma + 1)}
         best = max(rates, key=rates.get)
-        if rates[best] > _MARGIN / times[0]:
+        speculate = rates[best] > _MARGIN / times[0]
+        self._chosen[bucket] = best if speculate else 0
+        if speculate:
             self._probe_wait = _PROBE_EVERY
-            bucket = _bucket(batch_size)
             if best < self.max_gamma and self._steps - self._remeasured_at.get(bucket, 0) >= _REMEASURE_EVERY:
                 # counted when chosen, not when timed: a step with prefill work is not timed
                 self._remeasured_at[bucket] = self._steps
@@ -108,6 +117,13 @@ class GammaController:
             self._probe_wait = min(2 * self._probe_wait, _PROBE_EVERY_MAX)
             return best
         return 0
+
+    def _nearest_choice(self, bucket: int) -> int | None:
+        """What the nearest other bucket chose from its own measurements when it last did (the larger of two as near)."""
+        if not self._chosen:
+            return None
+        nearest = min(self._chosen, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))
+        return self._chosen[nearest]
 
     @staticmethod
     def _step_cost(times: dict[int, float]):

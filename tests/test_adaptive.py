@@ -205,3 +205,27 @@ def test_a_change_in_what_a_rarely_timed_gamma_costs_is_followed():
     ctl.histogram.clear()
     _simulate(cost, 0.9, steps=400, batch=16, lag=2, ctl=ctl)
     assert ctl.histogram[MAX_GAMMA] >= 200, ctl.histogram
+
+
+def test_a_thinning_batch_keeps_the_choice_of_the_full_batch():
+    """A closed batch of 128 finishes unevenly (each request accepts a different number of drafts): its last steps
+    pass through buckets 64 .. 1 in two steps each. Each new bucket does what the full batch chose (γ_max) instead of
+    spending its two steps on plain decoding to time it (on the H200 at 4k × 128 that held adaptive at 1.15× where
+    fixed γ = 4 ran 1.49×). A bucket that stays long enough still times plain decoding and chooses by its own times."""
+
+    def cost(gamma: int) -> float:
+        return 1.0 + (0.5 + 0.1 * gamma if gamma else 0.0)
+
+    _, ctl = _simulate(cost, 0.9, steps=40, batch=128, lag=2)
+    assert ctl.histogram[MAX_GAMMA] >= 34, ctl.histogram
+    ctl.histogram.clear()
+    for batch in (100, 60, 30, 12, 5, 2, 1):
+        _simulate(cost, 0.9, steps=2, batch=batch, lag=2, ctl=ctl)
+    assert ctl.histogram[MAX_GAMMA] == 14, ctl.histogram
+
+    def plain_wins_at_one(gamma: int) -> float:
+        return 1.0 + (1.5 + 0.4 * gamma if gamma else 0.0)
+
+    ctl.histogram.clear()
+    _simulate(plain_wins_at_one, 0.9, steps=100, batch=1, lag=2, ctl=ctl)
+    assert ctl.histogram[0] >= 90, ctl.histogram
