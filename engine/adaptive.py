@@ -18,7 +18,8 @@ measured, c is taken as 0, which makes shorter drafts look cheaper than they are
 measured rather than written off). Acceptance is a decayed count per position.
 Plain decoding is timed first (twice), then γ_max (twice where it could be chosen, were every draft accepted); in a
 bucket new to a controller that has chosen in another, the nearest such bucket's choice comes first (twice), so a
-batch thinning at the end of a run does not spend the few steps it has in each bucket on plain decoding.
+batch thinning at the end of a run does not spend the few steps it has in each bucket on plain decoding (a bucket
+where plain decoding wins pays a few speculative steps for that, once).
 While plain decoding wins, the most promising γ is probed now and then (only where speculation could be chosen
 with every draft accepted; after 32 steps, then twice as long after each probe plain decoding still wins, up to
 1024) so that a change in the text's predictability is noticed; while a shorter γ wins, γ_max is timed again

@@ -104,6 +104,8 @@ class LLMEngine:
         self._untimed: _LaunchedStep | None = None  # accepted, its cost known once the step after it is read
         self._arrivals = itertools.count()
         self._capture_graphs()
+        if self.drafter is not None and self.drafter.needs_scores:  # on CUDA: the selection kernel, eager or graphed
+            compile_selection(self.max_request_tokens, self.cache.k.device)
 
     def _capture_graphs(self) -> None:
         """Capture every decode-phase CUDA graph now, as vLLM does at start-up, so that no step pays for a capture later.
@@ -132,8 +134,6 @@ class LLMEngine:
             if self.drafter is not None:  # every γ's chain replays the one draft forward's graph
                 sparse = SparseKV(no_selection, -1, [first_slot])
                 self.runner.run_drafts([SequenceInput([0], 0, scratch, 1, sparse=sparse)] * b, 1, None)
-        if scored:
-            compile_selection(self.max_request_tokens, self.cache.k.device)
 
     def _attention_backend(self) -> AttentionBackend:
         scale = self.model_config.head_dim**-0.5

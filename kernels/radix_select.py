@@ -17,7 +17,9 @@ import triton.language as tl
 @triton.jit
 def _float_of_key(key):
     """The float32 whose order-preserving key (unsigned, in an int64) is `key`: negatives' bits were inverted,
-    non-negatives' had the sign bit set."""
+    non-negatives' had the sign bit set. Keys beyond -inf's and +inf's (NaN bit patterns) read as that infinity, so
+    the count of scores >= the threshold falls monotonically with the key, as the search needs."""
+    key = tl.minimum(tl.maximum(key, 0x7FFFFF), 0xFF800000)
     bits = tl.where(key >= 2147483648, key - 2147483648, 4294967295 - key)
     return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
@@ -47,7 +49,7 @@ def _select_kernel(
     if ROW_IN_REGISTERS:
         row = tl.load(scores + offs, mask=offs < width, other=float("nan"))
     # the largest key T with at least k scores >= float(T) is the k-th largest score's key; bit by bit from the top
-    # (NaN never counts: masked lanes load it, and a candidate in a NaN range is rejected, as no search needs one)
+    # (NaN never counts, so masked lanes load it)
     found = tl.zeros((), dtype=tl.int64)
     for bit in tl.static_range(31, -1, -1):
         candidate = found + (1 << bit)
@@ -74,9 +76,10 @@ def _select_kernel(
         tl.store(out + written + tl.cumsum(take.to(tl.int32), axis=0) - 1, pos.to(tl.int64), mask=take)
         written += tl.sum(take.to(tl.int32), axis=0)
         ties += tl.sum(tie.to(tl.int32), axis=0)
-    for start in range(k // BLOCK * BLOCK, out_width, BLOCK):
+    # padding from what was written: a row with fewer than k non-NaN scores gets padding, not stale memory
+    for start in range(written // BLOCK * BLOCK, out_width, BLOCK):
         pos = start + offs
-        tl.store(out + pos, tl.full([BLOCK], width, tl.int64), mask=(pos >= k) & (pos < out_width))
+        tl.store(out + pos, tl.full([BLOCK], width, tl.int64), mask=(pos >= written) & (pos < out_width))
 
 
 # Rows up to this wide are held in registers (16 warps × 32 lanes × 32 scores); wider ones are read in chunks.
@@ -85,8 +88,9 @@ _CHUNK, _CHUNK_WARPS = 2048, 8  # the fastest chunked shape at 8k in scripts/sel
 
 
 def launch_shape(width: int) -> tuple[int, bool, int]:
-    """(BLOCK, ROW_IN_REGISTERS, num_warps) for rows of this width: a power of two from 1024 holding the row, with
-    about 1024 scores per warp, or chunks of the row where it is too wide for registers."""
+    """(BLOCK, ROW_IN_REGISTERS, num_warps) for rows of this width: a power of two from 1024 holding the row, at 4
+    warps up to 4096 positions, then one warp per 1024 (the fastest at 4k and 8k in the probe), or chunks of the row
+    where it is too wide for registers."""
     if width > MAX_REGISTER_ROW:
         return _CHUNK, False, _CHUNK_WARPS
     block = max(1024, triton.next_power_of_2(width))

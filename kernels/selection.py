@@ -16,6 +16,7 @@ def select_critical_tokens_batched(scores: torch.Tensor, budgets: list[int]) -> 
     budgets: [S] k of each sequence. Returns [layers, S, max(budgets)]: row s holds its k_s positions
     first, then N as padding.
     """
+    assert max(budgets) <= scores.shape[-1], "a budget beyond the scored positions"
     if scores.is_cuda:
         # imported here: CPU serving never needs Triton
         from specattn.kernels.radix_select import select_critical_tokens_triton

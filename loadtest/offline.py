@@ -14,6 +14,7 @@ Greedy decoding throughout, so every variant must produce the tokens `none` does
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import shlex
@@ -180,6 +181,8 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     # warm-up at the same batch size on short prompts: kernels compile (the engine captured its
                     # decode-phase CUDA graphs when it was built)
                     run_engine(engine, [p[:256] for p in prompts], 24, tqdm(disable=True))
+                    gc.collect()
+                    gc.freeze()  # as `specattn serve` does after warm-up: full collections skip the start-up heap
                     if warm:
                         engine.reset_stats()
                         run_engine(engine, prompts, args.max_tokens, tqdm(disable=True))
@@ -209,6 +212,8 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     decode_runs=[round(r[0], 1) for r in runs] if len(runs) > 1 else [],
                 ))
                 del engine
+                gc.unfreeze()
+                gc.collect()  # the engine's cycles, and with them its GPU memory, go before the next one is built
 
 
 def run_hf(files: ModelFiles, prompts, args, device: str, context: int, batch: int) -> Result:

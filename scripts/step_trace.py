@@ -5,6 +5,10 @@
 With --warm, the controller first learns from one run of the workload and keeps what it learned (the offline
 benchmark's `:warm` variants), so a run shows what a server's controller does once it knows its workload.
 
+Each run also reports Python's full (generation 2) garbage collections during it: how many, their total and longest
+pause. With --gc-freeze the heap alive after the engine's start-up and warm-up is frozen (`gc.freeze()`, as the
+server and the offline benchmark do), so those collections skip it.
+
 Usage (GPU machine, after `source scripts/gpu_env.sh`):
     python3 scripts/step_trace.py --docs .bench-docs/*.txt --context 8192 --batch 1 --variants none,adaptive,specattn
 """
@@ -12,6 +16,7 @@ Usage (GPU machine, after `source scripts/gpu_env.sh`):
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from collections import defaultdict
@@ -60,6 +65,22 @@ def record_controller(engine: LLMEngine) -> list[tuple[int, int, float]]:
     return recorded
 
 
+def record_full_collections() -> list[float]:
+    """Seconds of each generation-2 garbage collection from now on (the list fills as they happen)."""
+    pauses: list[float] = []
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                pauses.append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)
+    return pauses
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--docs", nargs="+", required=True)
@@ -73,7 +94,9 @@ def main() -> None:
     p.add_argument("--warm", action="store_true",
                    help="first serve the workload once with a new controller (traced as run 'warm-up'), then keep "
                         "the γ controller across the runs after it")
+    p.add_argument("--gc-freeze", action="store_true", help="freeze the heap after start-up and warm-up (gc.freeze)")
     args = p.parse_args()
+    pauses = record_full_collections()
     files = load_model_files(None)
     prompts = build_prompts(files, "summarize", load_documents(args.docs), args.context, args.batch, args.max_tokens)
     pages = -(-(args.context + args.max_tokens + 32) // 16) * args.batch + 64
@@ -83,9 +106,13 @@ def main() -> None:
                                         scheduler=SchedulerConfig(max_num_seqs=args.batch,
                                                                   max_num_batched_tokens=args.batch * (args.context + 64))), files)
         trace(engine, [q[:256] for q in prompts], 24)  # warm-up, as the offline benchmark does
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()
         for r in (["warm-up"] if args.warm else []) + list(range(args.repeats)):
             engine.reset_stats(keep_controller=args.warm and r != "warm-up")
             recorded = record_controller(engine) if args.controller else []
+            pauses.clear()
             steps = trace(engine, prompts, args.max_tokens)
             total = sum(s for _, s, _ in steps)
             tokens = sum(n for _, _, n in steps)
@@ -99,12 +126,17 @@ def main() -> None:
             )
             slowest = sorted(range(len(steps)), key=lambda i: -steps[i][1])[:6]
             print(f"{name} run {r}: {len(steps)} steps {total * 1e3:.1f} ms {tokens / total:.1f} tok/s | {per_gamma} | slowest "
-                  + ", ".join(f"#{i} γ={steps[i][0]} {steps[i][1] * 1e3:.1f}ms" for i in slowest), flush=True)
+                  + ", ".join(f"#{i} γ={steps[i][0]} {steps[i][1] * 1e3:.1f}ms" for i in slowest)
+                  + f" | full GCs: {len(pauses)}, {sum(pauses) * 1e3:.1f} ms, longest {max(pauses, default=0) * 1e3:.1f} ms",
+                  flush=True)
             if args.controller:
                 del engine.gamma_controller.record_step_time  # the class's own again: a kept controller is wrapped anew
                 print(f"{name} run {r} controller (γ:ms, batch): " + " ".join(f"{g}:{t * 1e3:.2f}" for g, _, t in recorded)
                       + f" | batches {sorted({b for _, b, _ in recorded})}", flush=True)
         del engine
+        if args.gc_freeze:
+            gc.unfreeze()
+        gc.collect()  # the deleted engine's cycles (and its GPU memory) go now, not inside the next one's runs
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -70,6 +71,10 @@ async def serve(
         log.info("loading %s on %s", config.model or "the embedded SmolLM2-135M-Instruct", config.device)
         engine = await asyncio.to_thread(_load, config)
         await _warm_up(engine)
+        # the start-up heap (torch, the tokenizer, the model, the CUDA graphs: ≈ 200k objects) out of the garbage
+        # collector's full passes, as vLLM and SGLang do after warm-up: each pass would otherwise stall a decode step
+        gc.collect()
+        gc.freeze()
         name = served_model_name or engine.engine.model_name
         state.attach(engine, name)
         log.info("serving %s on %s (drafter: %s, gamma: %d) at http://%s:%d",

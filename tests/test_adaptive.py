@@ -209,9 +209,10 @@ def test_a_change_in_what_a_rarely_timed_gamma_costs_is_followed():
 
 def test_a_thinning_batch_keeps_the_choice_of_the_full_batch():
     """A closed batch of 128 finishes unevenly (each request accepts a different number of drafts): its last steps
-    pass through buckets 64 .. 1 in two steps each. Each new bucket does what the full batch chose (γ_max) instead of
-    spending its two steps on plain decoding to time it (on the H200 at 4k × 128 that held adaptive at 1.15× where
-    fixed γ = 4 ran 1.49×). A bucket that stays long enough still times plain decoding and chooses by its own times."""
+    pass through batches of 100 .. 1 (buckets 128 .. 1) in two steps each. Each new bucket does what the full batch
+    chose (γ_max) instead of spending its two steps on plain decoding to time it (on the H200 at 4k × 128 that held
+    adaptive at 1.15× where fixed γ = 4 ran 1.49×). A bucket that stays long enough still times plain decoding and
+    chooses by its own times."""
 
     def cost(gamma: int) -> float:
         return 1.0 + (0.5 + 0.1 * gamma if gamma else 0.0)
@@ -229,3 +230,18 @@ def test_a_thinning_batch_keeps_the_choice_of_the_full_batch():
     ctl.histogram.clear()
     _simulate(plain_wins_at_one, 0.9, steps=100, batch=1, lag=2, ctl=ctl)
     assert ctl.histogram[0] >= 90, ctl.histogram
+
+
+def test_a_new_bucket_follows_the_larger_of_two_equally_near_buckets():
+    """Bucket 16 is as near to 8 (where plain decoding won) as to 32 (where γ_max won): it starts with 32's choice,
+    the one measured at more requests, where a draft forward's cost is shared by more tokens."""
+
+    def cost(gamma: int) -> float:
+        return 1.0 + (0.5 + 0.1 * gamma if gamma else 0.0)
+
+    def plain_wins(gamma: int) -> float:
+        return 1.0 + (3.0 + gamma if gamma else 0.0)
+
+    _, ctl = _simulate(cost, 0.9, steps=40, batch=32, lag=2)
+    _simulate(plain_wins, 0.9, steps=40, batch=8, lag=2, ctl=ctl)
+    assert ctl.choose(16) == MAX_GAMMA

@@ -193,19 +193,38 @@ def test_triton_selection_equals_reference():
 
 
 def test_triton_selection_takes_ties_lowest_position_first():
-    """Equal scores at the cut are taken in position order, and every float orders as its value: -0.0 ties 0.0,
-    infinities and subnormals in place, the -1 padding below every weight."""
+    """Equal scores at the cut are taken in position order, across chunks too, and every float orders as its value:
+    -0.0 ties 0.0, infinities (at the cut as well) and subnormals in place."""
     pytest.importorskip("triton")
     from specattn.kernels.radix_select import select_critical_tokens_triton
 
-    tied = torch.zeros(1, 1, 40)
-    tied[0, 0, [3, 7, 30]] = 1.0
-    k = torch.tensor([5], dtype=torch.int32)
-    for shape in [(16, False, 4), (64, True, 4)]:
-        assert select_critical_tokens_triton(tied, k, 6, shape).tolist() == [[[0, 1, 3, 7, 30, 40]]]
-    odd = torch.tensor([[[-0.0, 0.0, -1.0, float("inf"), float("-inf"), 1e-40, -1e-40, 3.0]]])
-    k = torch.tensor([6], dtype=torch.int32)
-    assert select_critical_tokens_triton(odd, k, 6, (4, False, 4)).tolist() == [[[0, 1, 3, 5, 6, 7]]]
+    def select(scores: list[float], k: int, width: int, shape: tuple[int, bool, int]) -> list[int]:
+        budget = torch.tensor([k], dtype=torch.int32)
+        return select_critical_tokens_triton(torch.tensor([[scores]]), budget, width, shape)[0, 0].tolist()
+
+    tied = [0.0] * 40
+    tied[3] = tied[7] = tied[35] = 1.0
+    for shape in [(16, False, 4), (64, True, 4)]:  # the ties run over three chunks of 16 in the first
+        assert select(tied, 5, 6, shape) == [0, 1, 3, 7, 35, 40]
+        assert select(tied, 20, 20, shape) == [*range(19), 35]  # 3, 7, 35 and the first 17 zeros
+    odd = [-0.0, 0.0, -1.0, float("inf"), float("-inf"), 1e-40, -1e-40, 3.0]
+    assert select(odd, 4, 4, (4, False, 4)) == [0, 3, 5, 7]  # -0.0 and 0.0 tie at the cut: the first one
+    assert select(odd, 7, 8, (8, True, 4)) == [0, 1, 2, 3, 5, 6, 7, 8]
+    minus_inf_at_cut = [1.0, float("-inf"), 2.0, float("-inf")]
+    assert select(minus_inf_at_cut, 3, 4, (4, True, 4)) == [0, 1, 2, 4]
+    assert select([float("inf"), 1.0, float("inf")], 2, 2, (4, False, 4)) == [0, 2]
+
+
+def test_rows_held_in_registers_fit_their_block():
+    """The kernel searches only the first BLOCK positions of a row it holds in registers: every width it is given
+    must fit, and wider rows are read in chunks."""
+    pytest.importorskip("triton")
+    from specattn.kernels.radix_select import MAX_REGISTER_ROW, launch_shape
+
+    for width in (1, 300, 1024, 1025, 4096, 8192, MAX_REGISTER_ROW, MAX_REGISTER_ROW + 1, 100_000):
+        block, in_registers, warps = launch_shape(width)
+        assert in_registers == (width <= MAX_REGISTER_ROW) and (block >= width or not in_registers)
+        assert warps in (4, 8, 16)
 
 
 @pytest.mark.gpu
