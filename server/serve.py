@@ -71,7 +71,7 @@ async def serve(
         log.info("loading %s on %s", config.model or "the embedded SmolLM2-135M-Instruct", config.device)
         engine = await asyncio.to_thread(_load, config)
         await _warm_up(engine)
-        # the start-up heap (torch, the tokenizer, the model, the CUDA graphs: ≈ 200k objects) out of the garbage
+        # the start-up heap (torch, the tokenizer, the model, the CUDA graphs: ≈ 180k objects) out of the garbage
         # collector's full passes, as vLLM and SGLang do after warm-up: each pass would otherwise stall a decode step
         gc.collect()
         gc.freeze()
