@@ -16,13 +16,14 @@ def select_critical_tokens_batched(scores: torch.Tensor, budgets: list[int]) -> 
     budgets: [S] k of each sequence. Returns [layers, S, max(budgets)]: row s holds its k_s positions
     first, then N as padding.
     """
-    assert max(budgets) <= scores.shape[-1], "a budget beyond the scored positions"
+    widest = max(budgets)
+    assert widest <= scores.shape[-1], "a budget beyond the scored positions"
     if scores.is_cuda:
         # imported here: CPU serving never needs Triton
         from specattn.kernels.radix_select import select_critical_tokens_triton
 
         k = torch.tensor(budgets, dtype=torch.int32).to(scores.device, non_blocking=True)
-        return select_critical_tokens_triton(scores.float().contiguous(), k, max(budgets))
+        return select_critical_tokens_triton(scores.float().contiguous(), k, widest)
     return select_critical_tokens_torch(scores, budgets)
 
 
