@@ -15,10 +15,6 @@ from .gguf_loader import ModelLoadError
 from .kv_cache import KVWrite
 
 
-# the most rows (tokens in a forward) for which the fused path runs the norm, projection and epilogue as one kernel
-FUSED_PROJECTION_ROWS = 1024
-
-
 class Attention(Protocol):
     """What a layer needs from the attention backend: where its new K/V go, then attention over the cache."""
 
@@ -83,9 +79,8 @@ class DecoderModel:
         self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
         fused: bool | None = None,
     ):
-        """fused: the layer's norms, RoPE with the K/V cache write, and SiLU·up as Triton kernels, up to
-        FUSED_PROJECTION_ROWS rows fused with the projections around them (None: on CUDA, where launches dominate a
-        decode step); otherwise plain torch, so CPU serving never needs Triton. Tests
+        """fused: the layer's norms, RoPE with the K/V cache write, and SiLU·up as Triton kernels (None: on CUDA,
+        where launches dominate a decode step); otherwise plain torch, so CPU serving never needs Triton. Tests
         force it on CPU under the Triton interpreter."""
         self.config = config
         self.dtype = dtype
@@ -93,11 +88,10 @@ class DecoderModel:
         self.fused = self.device.type == "cuda" if fused is None else fused
         if self.fused:
             # imported only here: the torch path has no Triton dependency
-            from specattn.kernels import fused_layer, fused_linear
+            from specattn.kernels import fused_layer
 
             self._add_rms_norm, self._rope_write_kv, self._silu_mul, self._rms_norm = (
                 fused_layer.add_rms_norm, fused_layer.rope_write_kv, fused_layer.silu_mul, fused_layer.rms_norm)
-            self._norm_qkv_rope, self._norm_gate_up_silu = fused_linear.norm_qkv_rope, fused_linear.norm_gate_up_silu
         else:
             self._add_rms_norm, self._rope_write_kv, self._silu_mul = add_rms_norm, rope_write_kv, silu_mul
         c = config
@@ -155,51 +149,25 @@ class DecoderModel:
         """Hidden states after the final norm for a flat batch of tokens of any number of sequences."""
         c = self.config
         n = input_ids.shape[0]
-        q_out = c.num_heads * c.head_dim
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         # Residual-stream form: `delta` is what a sublayer adds to the residual stream, and each add is folded
         # into the norm that follows it (one fused kernel on the GPU path; the same math in torch).
         delta, residual = self.embed[input_ids], None
         for i, w in enumerate(self.layers):
+            x, residual = self._add_rms_norm(delta, residual, w.input_norm, c.rms_norm_eps)
+            qkv = F.linear(x, w.qkv, w.qkv_bias)
+            # q and k heads side by side: RoPE on both and the cache write are one launch on the GPU path
+            qk = qkv[:, : q_out + kv_out].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
+            v = qkv[:, q_out + kv_out :].view(n, c.num_kv_heads, c.head_dim)
+            if w.q_norm is not None:
+                qk = self._qk_norm(qk, w)
             dest = attention.kv_write(i)
-            q, residual = self._attention_input(delta, residual, w, cos, sin, dest)
-            o = F.linear(attention(i, q).reshape(n, q_out), w.o_proj)
-            act, residual = self._mlp_input(o, residual, w)
-            delta = F.linear(act, w.down)
+            q = self._rope_write_kv(qk, v, cos, sin, dest.k_cache, dest.v_cache, dest.slots)
+            o = attention(i, q)
+            x, residual = self._add_rms_norm(F.linear(o.reshape(n, q_out), w.o_proj), residual, w.post_norm, c.rms_norm_eps)
+            delta = F.linear(self._silu_mul(F.linear(x, w.gate_up)), w.down)
         return self._add_rms_norm(delta, residual, self.final_norm, c.rms_norm_eps)[0]
-
-    def _attention_input(
-        self, delta: torch.Tensor, residual: torch.Tensor | None, w: LayerWeights, cos: torch.Tensor,
-        sin: torch.Tensor, dest: KVWrite,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual add and norm, the q/k/v projection, RoPE and the K/V cache write: (rotated q, new residual)."""
-        c = self.config
-        n = delta.shape[0]
-        if self._fuse_projections(n):
-            return self._norm_qkv_rope(delta, residual, w.input_norm, c.rms_norm_eps, w.qkv, w.qkv_bias, w.q_norm,
-                                       w.k_norm, cos, sin, dest.k_cache, dest.v_cache, dest.slots)
-        x, residual = self._add_rms_norm(delta, residual, w.input_norm, c.rms_norm_eps)
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
-        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        # q and k heads side by side: RoPE on both and the cache write are one launch on the GPU path
-        qk = qkv[:, : q_out + kv_out].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
-        v = qkv[:, q_out + kv_out :].view(n, c.num_kv_heads, c.head_dim)
-        if w.q_norm is not None:
-            qk = self._qk_norm(qk, w)
-        return self._rope_write_kv(qk, v, cos, sin, dest.k_cache, dest.v_cache, dest.slots), residual
-
-    def _mlp_input(self, o: torch.Tensor, residual: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual add (o to the stream) and norm, the gate/up projection and SiLU·up: (the MLP's activation,
-        new residual)."""
-        eps = self.config.rms_norm_eps
-        if self._fuse_projections(o.shape[0]):
-            return self._norm_gate_up_silu(o, residual, w.post_norm, eps, w.gate_up)
-        x, residual = self._add_rms_norm(o, residual, w.post_norm, eps)
-        return self._silu_mul(F.linear(x, w.gate_up)), residual
-
-    def _fuse_projections(self, rows: int) -> bool:
-        # beyond decode-sized batches (prefill chunks) cuBLAS's GEMMs outrun the fused kernels' small tiles
-        return self.fused and rows <= FUSED_PROJECTION_ROWS
 
     def _qk_norm(self, qk: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         """Qwen3's RMSNorm of each q head (q_norm) and each k head (k_norm)."""
