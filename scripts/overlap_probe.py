@@ -154,11 +154,11 @@ def main() -> int:
     verify_full, drafts_full = (captured(f) for f in sides(model, k, v, full, args.ctx))
     verify_fn, drafts_fn = sides(model, k, v, half, args.ctx)
     verify_half, drafts_half = captured(verify_fn), captured(drafts_fn)
-    current = torch.cuda.current_stream()
     verify_stream, drafts_stream = torch.cuda.Stream(), torch.cuda.Stream()
 
     def side_by_side() -> tuple[torch.Tensor, torch.Tensor]:
         # forked from the capturing stream and joined back: the graph holds the two chains as parallel branches
+        current = torch.cuda.current_stream()
         verify_stream.wait_stream(current)
         drafts_stream.wait_stream(current)
         with torch.cuda.stream(verify_stream):
