@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Probe: does a draft chain run beside a verification? Two half-batches in flight, one verifying while the other drafts.
+"""Probe: does a draft chain run beside a verification? Two half-batches, one verifying while the other drafts.
 
 A SpecAttn step at 8k × 128 runs its four draft forwards (latency-bound: ≈ 270 small kernels each, few SMs busy)
 and then its verification (bandwidth-bound: the full K/V read), one after the other. If the batch's two halves took
