@@ -136,7 +136,7 @@ class Captured:
     graph: torch.cuda.CUDAGraph
     out: Any  # what the replays write fn's output to
     # the graph reads the tensors fn's closure holds (page tables, slots, scratch); dropping fn would free them for
-    # reuse while replays still read them — the cause of the illegal memory accesses this probe's first runs hit
+    # reuse while replays still read them — most likely what made this probe's first runs hit illegal memory accesses
     fn: Callable[[], Any]
 
 
