@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from specattn.engine.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
-from specattn.engine.engine import LLMEngine
+from specattn.engine.engine import EngineStats, LLMEngine
 from specattn.engine.loader import ModelFiles, load_model_files
 from specattn.engine.sampling import SamplingParams
 
@@ -54,7 +54,7 @@ class Result:
     accepted_per_position: list[float] = field(default_factory=list)
     gamma_histogram: dict[int, int] = field(default_factory=dict)
     identical_to_none: int | None = None  # requests whose output equals plain decoding's, token for token
-    # decode tok/s of every run with --repeats (the row's figures are the run with the median of these)
+    # decode tok/s of every run with --repeats or --builds (the row's figures are the run with the median of these)
     decode_runs: list[float] = field(default_factory=list)
     note: str = ""
 
@@ -158,42 +158,26 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
     for context in args.contexts:
         for batch in args.batches:
             prompts = build_prompts(files, args.workload, docs, context, max(batch, args.min_requests), args.max_tokens)
+            # every engine variant's timed runs, over --builds engines each; the variants take turns build by build,
+            # so a machine's drift, and what an engine's build fixes for its life (perf-notes 54), fall on all alike
+            runs: dict[str, list[_Run]] = {}
+            hf: dict[str, Result] = {}
+            for build in range(args.builds):
+                for name in args.variants:
+                    spec = parse_variant(name.removesuffix(":warm"), defaults)
+                    if spec is None:
+                        if build == 0:
+                            hf[name] = _hf_result(files, prompts, args, device, context, batch)
+                        continue
+                    runs.setdefault(name, []).extend(
+                        _engine_runs(args, files, device, spec, name.endswith(":warm"), prompts, context, batch, name))
             reference = None
             for name in args.variants:
-                warm = name.endswith(":warm")
-                spec = parse_variant(name.removesuffix(":warm"), defaults)
-                total = len(prompts) * args.max_tokens
-                with tqdm(total=total, desc=f"ctx {context} batch {batch} {name}", unit="tok", leave=False) as bar:
-                    if spec is None:
-                        try:
-                            results.append(run_hf(files, prompts, args, device, context, batch))
-                        except torch.OutOfMemoryError:  # HF pads and materializes masks; big batches may not fit
-                            torch.cuda.empty_cache()
-                            results.append(Result("hf", context, batch, len(prompts), 0, 0.0, 0.0, note="out of memory"))
-                        continue
-                    pages = -(-(context + args.max_tokens + 32) // 16) * batch + 64
-                    engine = LLMEngine(
-                        EngineConfig(device=device, dtype=DTYPES[args.dtype], spec=spec, cache=CacheConfig(num_pages=pages),
-                                     scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=args.prefill_chunk
-                                                               or batch * (context + 64))),
-                        files,
-                    )
-                    # warm-up at the same batch size on short prompts: kernels compile (the engine captured its
-                    # decode-phase CUDA graphs when it was built)
-                    run_engine(engine, [p[:256] for p in prompts], 24, tqdm(disable=True))
-                    gc.collect()
-                    gc.freeze()  # as `specattn serve` does after warm-up: full collections skip the start-up heap
-                    if warm:
-                        engine.reset_stats()
-                        run_engine(engine, prompts, args.max_tokens, tqdm(disable=True))
-                    runs = []
-                    for _ in range(args.repeats):
-                        engine.reset_stats(keep_controller=warm)
-                        outputs, timing = run_engine(engine, prompts, args.max_tokens, bar)
-                        runs.append((timing.decode_tokens_per_s or 0.0, outputs, timing, engine.stats()))
-                        bar.reset()
-                    # the median run by decode tok/s, the lower of two (machines drift: one fast or slow run should not be the figure)
-                    _, outputs, timing, stats = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
+                if name in hf:
+                    results.append(hf[name])
+                    continue
+                # the median run by decode tok/s, the lower of two (machines drift: one fast or slow run should not be the figure)
+                _, outputs, timing, stats = sorted(runs[name], key=lambda r: r[0])[(len(runs[name]) - 1) // 2]
                 produced = sum(len(o) for o in outputs)
                 reference = outputs if name == "none" else reference
                 results.append(Result(
@@ -209,11 +193,51 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
                     identical_to_none=None if reference is None or name == "none" else sum(
                         o == r for o, r in zip(outputs, reference)
                     ),
-                    decode_runs=[round(r[0], 1) for r in runs] if len(runs) > 1 else [],
+                    decode_runs=[round(r[0], 1) for r in runs[name]] if len(runs[name]) > 1 else [],
                 ))
-                del engine
-                gc.unfreeze()
-                gc.collect()  # the engine's cycles, and with them its GPU memory, go before the next one is built
+
+
+_Run = tuple[float, list[list[int]], Timing, EngineStats]  # decode tok/s, outputs, timing, the engine's statistics
+
+
+def _engine_runs(args, files: ModelFiles, device: str, spec: SpecConfig, warm: bool, prompts, context: int, batch: int,
+                 name: str) -> list[_Run]:
+    """Build an engine for a variant, warm it up, and time --repeats runs of the workload on it."""
+    pages = -(-(context + args.max_tokens + 32) // 16) * batch + 64
+    engine = LLMEngine(
+        EngineConfig(device=device, dtype=DTYPES[args.dtype], spec=spec, cache=CacheConfig(num_pages=pages),
+                     scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=args.prefill_chunk
+                                               or batch * (context + 64))),
+        files,
+    )
+    # warm-up at the same batch size on short prompts: kernels compile (the engine captured its decode-phase CUDA
+    # graphs when it was built)
+    run_engine(engine, [p[:256] for p in prompts], 24, tqdm(disable=True))
+    gc.collect()
+    gc.freeze()  # as `specattn serve` does after warm-up: full collections skip the start-up heap
+    if warm:
+        engine.reset_stats()
+        run_engine(engine, prompts, args.max_tokens, tqdm(disable=True))
+    runs = []
+    with tqdm(total=len(prompts) * args.max_tokens, desc=f"ctx {context} batch {batch} {name}", unit="tok",
+              leave=False) as bar:
+        for _ in range(args.repeats):
+            engine.reset_stats(keep_controller=warm)
+            outputs, timing = run_engine(engine, prompts, args.max_tokens, bar)
+            runs.append((timing.decode_tokens_per_s or 0.0, outputs, timing, engine.stats()))
+            bar.reset()
+    del engine
+    gc.unfreeze()
+    gc.collect()  # the engine's cycles, and with them its GPU memory, go before the next one is built
+    return runs
+
+
+def _hf_result(files: ModelFiles, prompts, args, device: str, context: int, batch: int) -> Result:
+    try:
+        return run_hf(files, prompts, args, device, context, batch)
+    except torch.OutOfMemoryError:  # HF pads and materializes masks; big batches may not fit
+        torch.cuda.empty_cache()
+        return Result("hf", context, batch, len(prompts), 0, 0.0, 0.0, note="out of memory")
 
 
 def run_hf(files: ModelFiles, prompts, args, device: str, context: int, batch: int) -> Result:
@@ -276,12 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-budget", type=int, default=SpecConfig.min_budget)
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per engine variant; a row shows the run with the median decode tok/s and their range")
+    p.add_argument("--builds", type=int, default=1,
+                   help="engines built per variant, the variants taking turns; a row's median and range are over "
+                        "every build's runs (a run's speed can be fixed when its engine is built)")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prefill token budget per step (default 0: every prompt in the first step, so decoding runs at the full batch)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
+    if args.repeats < 1 or args.builds < 1:
+        p.error("--repeats and --builds must be at least 1")
     for name in args.variants:  # every name checked before the first (long) run, not when the sweep reaches it
         try:
             spec = parse_variant(name.removesuffix(":warm"), SpecConfig())

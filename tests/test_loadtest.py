@@ -311,6 +311,31 @@ def test_offline_bench_compares_variants_side_by_side(tmp_path):
     assert f"({low:.0f}–{high:.0f})" in md
 
 
+def test_offline_bench_pools_the_runs_of_several_engine_builds(tmp_path, monkeypatch):
+    """--builds: each variant's engine built that many times, the variants taking turns; a row's median and range are
+    over every build's runs, and the outputs stay those of plain decoding."""
+    from specattn.loadtest import offline
+
+    built = []
+
+    class RecordedEngine(offline.LLMEngine):  # the real engine; only which variant each build was for is noted
+        def __init__(self, config, files):
+            built.append(config.spec.drafter)
+            super().__init__(config, files)
+
+    monkeypatch.setattr(offline, "LLMEngine", RecordedEngine)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"Row {i} holds the value {i * 3} and the next row's key." for i in range(60)))
+    out = tmp_path / "bench"
+    assert offline.main(["--device", "cpu", "--docs", str(doc), "--contexts", "128", "--batches", "1", "--max-tokens",
+                         "8", "--variants", "none,specattn:g2", "--builds", "2", "--repeats", "2", "--out", str(out)]) == 0
+    assert built == ["none", "specattn", "none", "specattn"]
+    results = {r["variant"]: r for r in json.loads(out.with_suffix(".json").read_text())["results"]}
+    for r in results.values():
+        assert len(r["decode_runs"]) == 4 and r["decode_tokens_per_s"] == sorted(r["decode_runs"])[1]
+    assert results["specattn:g2"]["identical_to_none"] == 1
+
+
 @pytest.mark.parametrize("variant", ["hf:warm", "specattn:x4", "streaming:g"])
 def test_offline_bench_refuses_a_bad_variant_before_running_anything(variant, capsys):
     from specattn.loadtest.offline import main
