@@ -154,6 +154,9 @@ def benchmark(args: argparse.Namespace) -> list[Result]:
     return results
 
 
+_Run = tuple[float, list[list[int]], Timing, EngineStats]  # decode tok/s, outputs, timing, the engine's statistics
+
+
 def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: SpecConfig, results: list[Result]) -> None:
     for context in args.contexts:
         for batch in args.batches:
@@ -162,42 +165,51 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
             # so a machine's drift, and what an engine's build fixes for its life (perf-notes 54), fall on all alike
             runs: dict[str, list[_Run]] = {}
             hf: dict[str, Result] = {}
-            for build in range(args.builds):
-                for name in args.variants:
-                    spec = parse_variant(name.removesuffix(":warm"), defaults)
-                    if spec is None:
-                        if build == 0:
-                            hf[name] = _hf_result(files, prompts, args, device, context, batch)
-                        continue
-                    runs.setdefault(name, []).extend(
-                        _engine_runs(args, files, device, spec, name.endswith(":warm"), prompts, context, batch, name))
-            reference = None
-            for name in args.variants:
-                if name in hf:
-                    results.append(hf[name])
-                    continue
-                # the median run by decode tok/s, the lower of two (machines drift: one fast or slow run should not be the figure)
-                _, outputs, timing, stats = sorted(runs[name], key=lambda r: r[0])[(len(runs[name]) - 1) // 2]
-                produced = sum(len(o) for o in outputs)
-                reference = outputs if name == "none" else reference
-                results.append(Result(
-                    variant=name, context=context, batch=batch, requests=len(prompts), output_tokens=produced,
-                    seconds=round(timing.seconds, 3), tokens_per_s=round(produced / timing.seconds, 1),
-                    decode_tokens_per_s=None if timing.decode_tokens_per_s is None else round(timing.decode_tokens_per_s, 1),
-                    full_batch_tokens_per_s=round(timing.full_batch_tokens / timing.full_batch_seconds, 1)
-                    if timing.full_batch_seconds > 0 else None,
-                    acceptance_rate=round(stats.spec.acceptance_rate, 4) if stats.spec.num_drafts else None,
-                    mean_acceptance_length=round(stats.spec.mean_acceptance_length, 3) if stats.spec.num_drafts else None,
-                    accepted_per_position=[round(a / stats.spec.num_drafts, 3) for a in stats.spec.accepted_per_position],
-                    gamma_histogram=stats.gamma_histogram,
-                    identical_to_none=None if reference is None or name == "none" else sum(
-                        o == r for o, r in zip(outputs, reference)
-                    ),
-                    decode_runs=[round(r[0], 1) for r in runs[name]] if len(runs[name]) > 1 else [],
-                ))
+            try:
+                for build in range(args.builds):
+                    for name in args.variants:
+                        spec = parse_variant(name.removesuffix(":warm"), defaults)
+                        if spec is None:
+                            if build == 0:
+                                hf[name] = _hf_result(files, prompts, args, device, context, batch)
+                            continue
+                        measured = _engine_runs(args, files, device, spec, name.endswith(":warm"), prompts, context,
+                                                batch, name)
+                        runs.setdefault(name, []).extend(measured)
+            finally:  # an interrupted sweep keeps the rows of what it measured
+                results.extend(_rows(args.variants, context, batch, len(prompts), runs, hf))
 
 
-_Run = tuple[float, list[list[int]], Timing, EngineStats]  # decode tok/s, outputs, timing, the engine's statistics
+def _rows(variants: list[str], context: int, batch: int, requests: int, runs: dict[str, list[_Run]],
+          hf: dict[str, Result]) -> list[Result]:
+    """One row per variant measured: HF's as it ran, an engine variant's from its median run over every build."""
+    rows, reference = [], None
+    for name in variants:
+        if name in hf:
+            rows.append(hf[name])
+            continue
+        if not runs.get(name):
+            continue
+        # the median run by decode tok/s, the lower of two (machines drift: one fast or slow run should not be the figure)
+        _, outputs, timing, stats = sorted(runs[name], key=lambda r: r[0])[(len(runs[name]) - 1) // 2]
+        produced = sum(len(o) for o in outputs)
+        reference = outputs if name == "none" else reference
+        rows.append(Result(
+            variant=name, context=context, batch=batch, requests=requests, output_tokens=produced,
+            seconds=round(timing.seconds, 3), tokens_per_s=round(produced / timing.seconds, 1),
+            decode_tokens_per_s=None if timing.decode_tokens_per_s is None else round(timing.decode_tokens_per_s, 1),
+            full_batch_tokens_per_s=round(timing.full_batch_tokens / timing.full_batch_seconds, 1)
+            if timing.full_batch_seconds > 0 else None,
+            acceptance_rate=round(stats.spec.acceptance_rate, 4) if stats.spec.num_drafts else None,
+            mean_acceptance_length=round(stats.spec.mean_acceptance_length, 3) if stats.spec.num_drafts else None,
+            accepted_per_position=[round(a / stats.spec.num_drafts, 3) for a in stats.spec.accepted_per_position],
+            gamma_histogram=stats.gamma_histogram,
+            identical_to_none=None if reference is None or name == "none" else sum(
+                o == r for o, r in zip(outputs, reference)
+            ),
+            decode_runs=[round(r[0], 1) for r in runs[name]] if len(runs[name]) > 1 else [],
+        ))
+    return rows
 
 
 def _engine_runs(args, files: ModelFiles, device: str, spec: SpecConfig, warm: bool, prompts, context: int, batch: int,

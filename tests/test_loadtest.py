@@ -336,6 +336,27 @@ def test_offline_bench_pools_the_runs_of_several_engine_builds(tmp_path, monkeyp
     assert results["specattn:g2"]["identical_to_none"] == 1
 
 
+def test_an_interrupted_offline_bench_keeps_what_it_measured(tmp_path, monkeypatch):
+    """`timeout -s INT` mid-sweep (here: as the second variant's engine runs): the first variant's row is kept."""
+    from specattn.loadtest import offline
+
+    real = offline._engine_runs
+
+    def interrupted_after_the_first(*args, **kwargs):
+        if args[-1] != "none":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(offline, "_engine_runs", interrupted_after_the_first)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"Row {i} holds the value {i * 3}." for i in range(60)))
+    out = tmp_path / "bench"
+    assert offline.main(["--device", "cpu", "--docs", str(doc), "--contexts", "128", "--batches", "1", "--max-tokens",
+                         "4", "--variants", "none,specattn", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["variant"] for r in rows] == ["none"] and rows[0]["output_tokens"] == 4
+
+
 @pytest.mark.parametrize("variant", ["hf:warm", "specattn:x4", "streaming:g"])
 def test_offline_bench_refuses_a_bad_variant_before_running_anything(variant, capsys):
     from specattn.loadtest.offline import main
