@@ -5,7 +5,7 @@ A SpecAttn step at 8k × 128 runs its four draft forwards (latency-bound: ≈ 27
 and then its verification (bandwidth-bound: the full K/V read), one after the other. If the batch's two halves took
 turns — half A's verification on one stream while half B drafts on another — the drafts' latency could hide under
 the verification's memory traffic. This probe measures whether the GPU overlaps the two, with the default model's
-shapes and random weights, each side captured as a CUDA graph:
+shapes and random weights in the engine's own decoder (engine/model.py), each side captured as a CUDA graph:
   verify(B)  a verification forward for B sequences × 5 rows at context ctx: 30 layers of the four projections
              (cuBLAS), the fused norm / RoPE + cache write / SiLU·up kernels and our verification attention kernel
              over the full paged K/V (no scoring), then the LM head and argmax
@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
 from scripts.gpu_kernel_bench import graph_of
-from specattn.kernels import fused_layer
+from specattn.engine.config import ModelConfig
+from specattn.engine.kv_cache import KVWrite
+from specattn.engine.model import DecoderModel
 from specattn.kernels.draft_attention import draft_splits, sparse_draft_attention
 from specattn.kernels.verify_attention import verify_attention
 
@@ -43,69 +44,68 @@ GAMMA, PAGE, RECENT = 4, 16, 8
 DTYPE = torch.bfloat16
 
 
-@dataclass
-class Layer:
-    n1: torch.Tensor
-    qkv: torch.Tensor
-    o: torch.Tensor
-    n2: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
-
-
 def rand(*shape: int, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
-    return (torch.randn(*shape, device="cuda") * scale + offset).to(DTYPE)
+    return torch.randn(*shape) * scale + offset
 
 
-class Model:
-    """The default model's decoder with random weights; attention is the caller's."""
-
-    def __init__(self):
-        self.embed = rand(VOCAB, HIDDEN)
-        self.final_norm = rand(HIDDEN, scale=0.1, offset=1.0)
-        self.layers = [
-            Layer(rand(HIDDEN, scale=0.1, offset=1.0), rand((HEADS + 2 * KV_HEADS) * D, HIDDEN, scale=HIDDEN**-0.5),
-                  rand(HIDDEN, HEADS * D, scale=HIDDEN**-0.5), rand(HIDDEN, scale=0.1, offset=1.0),
-                  rand(2 * INTER, HIDDEN, scale=HIDDEN**-0.5), rand(HIDDEN, INTER, scale=INTER**-0.5))
-            for _ in range(LAYERS)
-        ]
-
-    def next_tokens(self, tokens: torch.Tensor, attention, scratch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        rows = tokens.shape[0]
-        cos, sin, k_new, v_new, slots = scratch
-        delta, residual = self.embed[tokens], None
-        for w in self.layers:
-            x, residual = fused_layer.add_rms_norm(delta, residual, w.n1, EPS)
-            qkv = F.linear(x, w.qkv)
-            qk = qkv[:, : (HEADS + KV_HEADS) * D].view(rows, HEADS + KV_HEADS, D)
-            v = qkv[:, (HEADS + KV_HEADS) * D :].view(rows, KV_HEADS, D)
-            q = fused_layer.rope_write_kv(qk, v, cos, sin, k_new, v_new, slots)
-            x, residual = fused_layer.add_rms_norm(F.linear(attention(q).reshape(rows, HEADS * D), w.o), residual,
-                                                   w.n2, EPS)
-            delta = F.linear(fused_layer.silu_mul(F.linear(x, w.gate_up)), w.down)
-        hidden = fused_layer.add_rms_norm(delta, residual, self.final_norm, EPS)[0]
-        return F.linear(hidden, self.embed).float().argmax(dim=-1)
+def default_shaped_model(max_context: int) -> DecoderModel:
+    """The engine's decoder (fused layer kernels on CUDA) in the default model's shapes, with random weights."""
+    config = ModelConfig("llama", VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, D, 1e5, EPS, max_context,
+                         tie_word_embeddings=True)
+    weights = {"model.embed_tokens.weight": rand(VOCAB, HIDDEN), "model.norm.weight": rand(HIDDEN, scale=0.1, offset=1)}
+    for i in range(LAYERS):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        weights.update({
+            p + "input_layernorm.weight": rand(HIDDEN, scale=0.1, offset=1),
+            p + "post_attention_layernorm.weight": rand(HIDDEN, scale=0.1, offset=1),
+            a + "q_proj.weight": rand(HEADS * D, HIDDEN, scale=HIDDEN**-0.5),
+            a + "k_proj.weight": rand(KV_HEADS * D, HIDDEN, scale=HIDDEN**-0.5),
+            a + "v_proj.weight": rand(KV_HEADS * D, HIDDEN, scale=HIDDEN**-0.5),
+            a + "o_proj.weight": rand(HIDDEN, HEADS * D, scale=HIDDEN**-0.5),
+            p + "mlp.gate_proj.weight": rand(INTER, HIDDEN, scale=HIDDEN**-0.5),
+            p + "mlp.up_proj.weight": rand(INTER, HIDDEN, scale=HIDDEN**-0.5),
+            p + "mlp.down_proj.weight": rand(HIDDEN, INTER, scale=INTER**-0.5),
+        })
+    return DecoderModel(config, weights, DTYPE, "cuda")
 
 
-def scratch(rows: int) -> tuple[torch.Tensor, ...]:
-    """RoPE tables and a K/V scratch the forward's new rows are written to (the caches read are not written)."""
-    angles = torch.rand(rows, D // 2, device="cuda") * 100
+@dataclass
+class ProbeAttention:
+    """The model's attention for one side: the new rows' K/V go to a scratch cache (the cache read stays as made),
+    attention is the side's kernel over the shared cache."""
+
+    attend: Callable[[torch.Tensor], torch.Tensor]
+    scratch: KVWrite
+
+    def kv_write(self, layer: int) -> KVWrite:
+        return self.scratch
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return self.attend(q)
+
+
+def scratch(rows: int) -> KVWrite:
     k_new = torch.empty(rows, KV_HEADS, D, device="cuda", dtype=DTYPE)
-    return angles.cos(), angles.sin(), k_new, torch.empty_like(k_new), torch.arange(rows, device="cuda")
+    return KVWrite(k_new, torch.empty_like(k_new), torch.arange(rows, device="cuda"))
 
 
-def sides(model: Model, k: torch.Tensor, v: torch.Tensor, batch: int, ctx: int):
+def next_tokens(model: DecoderModel, tokens: torch.Tensor, positions: torch.Tensor, attention: ProbeAttention):
+    return model.logits(model.forward(tokens, positions, attention)).argmax(dim=-1)
+
+
+def sides(model: DecoderModel, k: torch.Tensor, v: torch.Tensor, batch: int, ctx: int):
     """verify() and drafts() for batch sequences whose pages are scattered over the cache, each returning its tokens."""
     pages_per_seq = ctx // PAGE
     page_indices = (torch.randperm(k.shape[0] // PAGE, device="cuda")[: batch * pages_per_seq]).to(torch.int32)
     page_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * pages_per_seq
     kv_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     verify_tokens = torch.randint(0, VOCAB, (batch * (GAMMA + 1),), device="cuda")
-    verify_scratch = scratch(batch * (GAMMA + 1))
+    verify_positions = torch.arange(ctx - GAMMA - 1, ctx, device="cuda").repeat(batch)
+    verify_attention_ = ProbeAttention(lambda q: verify_attention(
+        q, k, v, page_indptr, page_indices, kv_lens, GAMMA + 1, PAGE, D**-0.5), scratch(batch * (GAMMA + 1)))
 
     def verify() -> torch.Tensor:
-        return model.next_tokens(verify_tokens, lambda q: verify_attention(
-            q, k, v, page_indptr, page_indices, kv_lens, GAMMA + 1, PAGE, D**-0.5), verify_scratch)
+        return next_tokens(model, verify_tokens, verify_positions, verify_attention_)
 
     budget = math.ceil(0.05 * ctx)
     selected = torch.randint(0, k.shape[0], (batch * budget,), device="cuda", dtype=torch.int32)
@@ -114,13 +114,14 @@ def sides(model: Model, k: torch.Tensor, v: torch.Tensor, batch: int, ctx: int):
     counts = torch.full((batch,), RECENT, device="cuda", dtype=torch.int32)
     splits = draft_splits(batch, KV_HEADS, torch.cuda.get_device_properties(0).multi_processor_count)
     draft_tokens = torch.randint(0, VOCAB, (batch,), device="cuda")
-    draft_scratch = scratch(batch)
+    draft_positions = [torch.full((batch,), ctx + i, device="cuda") for i in range(GAMMA)]
+    draft_attention = ProbeAttention(lambda q: sparse_draft_attention(
+        q, k, v, selected, sel_indptr, recent, counts, D**-0.5, splits=splits), scratch(batch))
 
     def drafts() -> torch.Tensor:
         tokens, chain = draft_tokens, []
-        for _ in range(GAMMA):
-            tokens = model.next_tokens(tokens, lambda q: sparse_draft_attention(
-                q, k, v, selected, sel_indptr, recent, counts, D**-0.5, splits=splits), draft_scratch)
+        for positions in draft_positions:
+            tokens = next_tokens(model, tokens, positions, draft_attention)
             chain.append(tokens)
         return torch.stack(chain, dim=1)
 
@@ -159,9 +160,9 @@ def main() -> int:
     assert args.ctx % PAGE == 0 and args.batch % 2 == 0, "whole pages, two equal halves"
     torch.manual_seed(0)
     full, half = args.batch, args.batch // 2
-    model = Model()
-    k = rand(full * args.ctx, KV_HEADS, D)
-    v = rand(full * args.ctx, KV_HEADS, D)
+    model = default_shaped_model(args.ctx + GAMMA)
+    k = torch.randn(full * args.ctx, KV_HEADS, D, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
     verify_full, drafts_full = (captured(f) for f in sides(model, k, v, full, args.ctx))
     verify_fn, drafts_fn = sides(model, k, v, half, args.ctx)
     verify_half, drafts_half = captured(verify_fn), captured(drafts_fn)
