@@ -158,6 +158,7 @@ _Run = tuple[float, list[list[int]], Timing, EngineStats]  # decode tok/s, outpu
 
 
 def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: SpecConfig, results: list[Result]) -> None:
+    specs = {name: parse_variant(name.removesuffix(":warm"), defaults) for name in args.variants}  # None: HF
     for context in args.contexts:
         for batch in args.batches:
             prompts = build_prompts(files, args.workload, docs, context, max(batch, args.min_requests), args.max_tokens)
@@ -167,8 +168,8 @@ def _sweep(args, files: ModelFiles, device: str, docs: list[str], defaults: Spec
             hf: dict[str, Result] = {}
             try:
                 for build in range(args.builds):
-                    for name in args.variants:
-                        spec = parse_variant(name.removesuffix(":warm"), defaults)
+                    for name in args.variants:  # a name given twice is built twice a build, its runs pooled
+                        spec = specs[name]
                         if spec is None:
                             if build == 0:
                                 hf[name] = _hf_result(files, prompts, args, device, context, batch)
@@ -184,7 +185,7 @@ def _rows(variants: list[str], context: int, batch: int, requests: int, runs: di
           hf: dict[str, Result]) -> list[Result]:
     """One row per variant measured: HF's as it ran, an engine variant's from its median run over every build."""
     rows, reference = [], None
-    for name in variants:
+    for name in dict.fromkeys(variants):  # one row per name
         if name in hf:
             rows.append(hf[name])
             continue
@@ -314,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed runs per engine variant; a row shows the run with the median decode tok/s and their range")
     p.add_argument("--builds", type=int, default=1,
                    help="engines built per variant, the variants taking turns; a row's median and range are over "
-                        "every build's runs (a run's speed can be fixed when its engine is built)")
+                        "every build's runs (a run's speed can be fixed when its engine is built; a variant named "
+                        "twice pools both engines' runs in one row)")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prefill token budget per step (default 0: every prompt in the first step, so decoding runs at the full batch)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
