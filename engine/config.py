@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,27 +64,49 @@ class ModelConfig:
         return torch.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled).float()
 
 
+CPU_NUM_PAGES = 2048  # 32k tokens: ~0.7 GB in fp32 for the default model
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     page_size: int = 16
-    num_pages: int = 2048  # 32k tokens: ~0.7 GB in fp32 for the default model
+    # None: CPU_NUM_PAGES on the CPU; on CUDA as many as fit in what gpu_memory_utilization leaves once the weights
+    # are loaded (docs/deployment.md, "Sizing on a GPU node")
+    num_pages: int | None = None
+    # CUDA: the share of the GPU's memory that weights, KV pool and its score buffers may take (what other processes
+    # hold counts against it); activations, CUDA graphs and workspaces live in the rest
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.page_size <= 0 or self.num_pages <= 0:
+        if self.page_size <= 0 or (self.num_pages is not None and self.num_pages <= 0):
             raise ValueError("page_size and num_pages must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+# Unset scheduler limits by device. On CUDA, vLLM's and SGLang's serving defaults on an H100/H200-class GPU: prefill
+# in 8k-token chunks (a 1k chunk left a wave of long prompts waiting seconds for their first token, perf-notes 57)
+# and up to 256 sequences a step (speculation gains most at large batches). The CPU ones keep a step short.
+SCHEDULER_DEFAULTS = {"cpu": (64, 1024), "cuda": (256, 8192)}  # (max_num_seqs, max_num_batched_tokens)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024  # prefill chunk budget per step, shared with decodes
+    max_num_seqs: int | None = None  # None: SCHEDULER_DEFAULTS for the device
+    max_num_batched_tokens: int | None = None  # prefill chunk budget per step, shared with decodes (None: as above)
     # queue a plain decode step's successor before reading its tokens (they stay on the device), and after any other
     # greedy step the next draft chain: no GPU idle between steps
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+        if any(v is not None and v <= 0 for v in (self.max_num_seqs, self.max_num_batched_tokens)):
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+    def for_device(self, device: str) -> SchedulerConfig:
+        """This config with its unset limits filled in for the device."""
+        seqs, tokens = SCHEDULER_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+        return replace(self, max_num_seqs=self.max_num_seqs or seqs,
+                       max_num_batched_tokens=self.max_num_batched_tokens or tokens)
 
 
 DRAFTERS = ("none", "streaming", "specattn")
@@ -153,6 +175,10 @@ class EngineConfig:
         if self.dtype is not None:
             return self.dtype
         return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+
+    @property
+    def resolved_scheduler(self) -> SchedulerConfig:
+        return self.scheduler.for_device(self.device)
 
     @property
     def resolved_attention(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,8 +15,8 @@ from specattn.kernels.selection import compile_selection
 from .acceptance import accept_drafts, accept_drafts_on_device
 from .adaptive import GammaController
 from .attention import AttentionBackend, ScoreBatch, SparseKV, TorchAttentionBackend
-from .config import MAX_SELECTION_AGE, EngineConfig
-from .kv_cache import KVCache
+from .config import CPU_NUM_PAGES, MAX_SELECTION_AGE, EngineConfig
+from .kv_cache import KVCache, gpu_kv_pages, kv_bytes_per_slot
 from .loader import ModelFiles, load_model_files
 from .model import DecoderModel
 from .drafters import DraftState, make_drafter
@@ -92,10 +92,10 @@ class LLMEngine:
         self.tokenizer = files.tokenizer
         dtype = config.resolved_dtype
         self.model = DecoderModel(files.config, files.weights, dtype, config.device)
-        self.cache = KVCache(files.config, config.cache, dtype, config.device)
         self.drafter = make_drafter(config.spec, files.config.num_layers)
+        self.cache = KVCache(files.config, replace(config.cache, num_pages=self._num_pages()), dtype, config.device)
         self.runner = ModelRunner(self.model, self._attention_backend())
-        self.scheduler = Scheduler(config.scheduler, self.cache.allocator)
+        self.scheduler = Scheduler(config.resolved_scheduler, self.cache.allocator)
         self.gamma_controller = GammaController(config.spec.max_gamma, config.spec.adaptive)
         self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
@@ -135,6 +135,20 @@ class LLMEngine:
                 sparse = SparseKV(no_selection, -1, [first_slot])
                 self.runner.run_drafts([SequenceInput([0], 0, scratch, 1, sparse=sparse)] * b, 1, None)
 
+    def _num_pages(self) -> int:
+        """The KV pool's pages: as configured, else CPU_NUM_PAGES on the CPU and on CUDA what the memory budget leaves."""
+        cache, mc = self.config.cache, self.model_config
+        if cache.num_pages is not None:
+            return cache.num_pages
+        if not self.config.device.startswith("cuda"):
+            return CPU_NUM_PAGES
+        per_slot = kv_bytes_per_slot(mc, self.config.resolved_dtype)
+        if self.config.resolved_attention == "flashinfer" and self.drafter is not None and self.drafter.needs_scores:
+            from .flashinfer_attention import FlashInferAttentionBackend
+
+            per_slot += FlashInferAttentionBackend.score_bytes_per_slot(mc.num_layers, mc.num_heads, mc.num_kv_heads)
+        return gpu_kv_pages(cache, per_slot, self.config.device)
+
     def _attention_backend(self) -> AttentionBackend:
         scale = self.model_config.head_dim**-0.5
         if self.config.resolved_attention == "flashinfer":
@@ -142,7 +156,7 @@ class LLMEngine:
 
             spec = self.config.spec
             return FlashInferAttentionBackend(
-                self.cache, scale, self.model_config.num_heads, max_batch=self.config.scheduler.max_num_seqs,
+                self.cache, scale, self.model_config.num_heads, max_batch=self.config.resolved_scheduler.max_num_seqs,
                 max_query_len=spec.max_gamma + 1,
                 max_draft_selected=token_budget(self.max_context, spec.budget_ratio, spec.min_budget),
                 # a chain of drafts attends the positions since its anchor: fewer than MAX_SELECTION_AGE before

@@ -327,9 +327,14 @@ class FlashInferAttentionBackend:
             inputs.scores.rows.copy_(per_seq_dev[:, 1:3])
             inputs.scores.lengths.copy_(per_seq_dev[:, 3])
 
+    @staticmethod
+    def score_bytes_per_slot(num_layers: int, num_heads: int, num_kv_heads: int) -> int:
+        """What _slot_score_buffers takes per cache slot, for sizing the KV pool."""
+        return 2 * num_heads * 2 + 4 * num_layers * num_kv_heads
+
     def _slot_score_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Our kernel's logits scratch [kv_heads, 2 · group, slots] and per-slot weights [layers, kv_heads, slots],
-        shared by every scoring shape it runs (one forward is live at a time): 36 + 12 · layers bytes per cached token.
+        """Our kernel's logits scratch [kv_heads, 2 · group, slots] (float16) and per-slot weights [layers, kv_heads,
+        slots] (float32), shared by every scoring shape it runs (one forward is live at a time): score_bytes_per_slot.
         The logits are kept in float16: half the bytes the kernel stores and reads back (perf-notes 42)."""
         if self._slot_buffers is None:
             slots, group = self.cache.k.shape[1], self.num_heads // self.num_kv_heads

@@ -112,6 +112,30 @@ class PageAllocator:
         pages.clear()
 
 
+def kv_bytes_per_slot(model: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one cached token's K and V take over all layers."""
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def pages_that_fit(budget_bytes: float, bytes_per_slot: int, page_size: int) -> int:
+    """KV pages (the scratch page besides) whose slots, at bytes_per_slot each, fit in budget_bytes."""
+    pages = int(budget_bytes // (bytes_per_slot * page_size)) - 1
+    if pages < 1:
+        raise ValueError(
+            f"no GPU memory left for the KV cache ({budget_bytes / 2**30:.2f} GiB in the budget): raise "
+            "--gpu-memory-utilization, free the GPU, or set --num-pages"
+        )
+    return pages
+
+
+def gpu_kv_pages(cache: CacheConfig, bytes_per_slot: int, device: str) -> int:
+    """KV pages on a CUDA device: what cache.gpu_memory_utilization of its memory leaves beside what is in use now
+    (the loaded weights, other processes), as vLLM's gpu_memory_utilization does."""
+    torch.cuda.empty_cache()  # blocks cached while loading are free, not in use
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return pages_that_fit(cache.gpu_memory_utilization * total - (total - free), bytes_per_slot, cache.page_size)
+
+
 class KVCache:
     """K and V for all layers as [layers, pages * page_size, kv_heads, head_dim] (NHD; page p holds slots p*ps..).
 
@@ -119,6 +143,7 @@ class KVCache:
     """
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str):
+        assert cache.num_pages is not None, "the engine sizes an unset pool"
         self.scratch_page = cache.num_pages
         shape = (model.num_layers, (cache.num_pages + 1) * cache.page_size, model.num_kv_heads, model.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)

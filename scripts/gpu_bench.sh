@@ -4,7 +4,8 @@
 #   kernels  scripts/gpu_kernel_bench.py: copy bandwidth, attention kernels, score kernel, top-k (check, then time)
 #   bench    the offline benchmark (specattn-bench) with the arguments in $BENCH_ARGS
 #   profile  scripts/profile_step.py: torch.profiler over decode steps of none and specattn ($PROFILE_ARGS)
-#   serve    `specattn serve` under a short HTTP load (specattn-loadtest bench), then its /metrics
+#   serve    `specattn serve $SERVE_ARGS` (default: none, the GPU defaults) under a short HTTP load (specattn-loadtest
+#            bench: 128 document prompts at concurrency 64, or $LOAD_ARGS), then its /metrics
 #   jit      FlashInfer's JIT cache as jit.tar.xz, to carry to the next machine (see ../shared/device/README.md)
 # Expects the device bundles installed (/opt/specattn-dev/env.sh) and long documents in .bench-docs/.
 # Usage: bash scripts/gpu_bench.sh <out dir> <stage> [<stage> ...]
@@ -33,7 +34,8 @@ for stage in "$@"; do
       # shellcheck disable=SC2086
       python3 scripts/profile_step.py --out "$out" ${PROFILE_ARGS:-} 2>&1 | grep -v dequantizing | tail -4 ;;
     serve)
-      python3 -m specattn.server.cli serve --port 8123 --num-pages 20000 --max-num-seqs 64 > "$out/serve.log" 2>&1 &
+      # shellcheck disable=SC2086
+      python3 -m specattn.server.cli serve --port 8123 ${SERVE_ARGS:-} > "$out/serve.log" 2>&1 &
       pid=$!
       python3 - <<'PY'
 import time, httpx
@@ -45,12 +47,13 @@ for _ in range(240):
         pass
     time.sleep(0.5)
 PY
+      # shellcheck disable=SC2086
       python3 -m specattn.loadtest.cli bench --url http://127.0.0.1:8123 --dataset documents --docs .bench-docs/*.txt \
-        --doc-chars 16000 --num-prompts 128 --output-len 128 --max-concurrency 64 --no-plots --no-progress \
+        --doc-chars 16000 --output-len 128 ${LOAD_ARGS:---num-prompts 128 --max-concurrency 64} --no-plots --no-progress \
         --out "$out/http-load" > "$out/http-load.txt" 2>&1
       python3 -c "import httpx; print(httpx.get('http://127.0.0.1:8123/metrics').text)" > "$out/metrics.txt"
       kill -TERM $pid; wait $pid
-      tail -25 "$out/http-load.txt"; grep -E "^specattn:(spec_decode_num|request_success|generation_tokens)" "$out/metrics.txt" ;;
+      grep "KV cache:" "$out/serve.log"; tail -25 "$out/http-load.txt"; grep -E "^specattn:(spec_decode_num|request_success|generation_tokens)" "$out/metrics.txt" ;;
     jit)
       tar cJf "$out/jit.tar.xz" -C /opt/specattn-dev jit && ls -la "$out/jit.tar.xz" ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -7,7 +7,10 @@ import json
 import os
 import sys
 
-from specattn.engine.config import ATTENTION_BACKENDS, DRAFTERS, DTYPES, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from specattn.engine.config import (
+    ATTENTION_BACKENDS, CPU_NUM_PAGES, DRAFTERS, DTYPES, SCHEDULER_DEFAULTS, CacheConfig, EngineConfig, SchedulerConfig,
+    SpecConfig,
+)
 from specattn.engine.gguf_loader import ModelLoadError
 from specattn.engine.sampling import SamplingParams
 
@@ -19,10 +22,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
                    help="auto: FlashInfer on CUDA (bf16/fp16) when installed, else the torch reference")
     p.add_argument("--enforce-eager", action="store_true", help="never replay steps as CUDA graphs (FlashInfer)")
-    p.add_argument("--num-pages", type=int, default=CacheConfig.num_pages, help="KV cache pages")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help=f"KV cache pages (default: {CPU_NUM_PAGES} on CPU; on CUDA as many as --gpu-memory-utilization leaves)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=CacheConfig.gpu_memory_utilization,
+                   help="CUDA: the share of GPU memory the weights and KV cache may take (others' use counts against it)")
     p.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
-    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
-    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    cpu, cuda = SCHEDULER_DEFAULTS["cpu"], SCHEDULER_DEFAULTS["cuda"]
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"requests decoded in one step (default: {cuda[0]} on CUDA, {cpu[0]} on CPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"tokens one step may prefill, decodes included (default: {cuda[1]} on CUDA, {cpu[1]} on CPU)")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="read every step's tokens before queueing the next (by default a plain decode step's successor "
                         "is queued first, its tokens taken on the GPU, and after a verification the next draft chain)")
@@ -46,7 +55,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=DTYPES[args.dtype],
         attention=args.attention,
         enforce_eager=args.enforce_eager,
-        cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages),
+        cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages,
+                          gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   async_scheduling=args.async_scheduling),
         spec=SpecConfig(

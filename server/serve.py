@@ -77,6 +77,10 @@ async def serve(
         gc.freeze()
         name = served_model_name or engine.engine.model_name
         state.attach(engine, name)
+        pool, sched = engine.engine.cache, config.resolved_scheduler
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB); up to %d requests a step, %d tokens of prefill",
+                 pool.allocator.num_pages, pool.page_size, 2 * pool.k.nbytes / 2**30, sched.max_num_seqs,
+                 sched.max_num_batched_tokens)
         log.info("serving %s on %s (drafter: %s, gamma: %d) at http://%s:%d",
                  name, config.device, config.spec.drafter, config.spec.gamma, host, port)
         await serving

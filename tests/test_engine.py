@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from specattn.engine.config import EngineConfig, SpecConfig
-from specattn.engine.kv_cache import PageAllocator, PageTable, slot_of, token_slots
+from specattn.engine.config import CPU_NUM_PAGES, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from specattn.engine.engine import LLMEngine
+from specattn.engine.kv_cache import PageAllocator, PageTable, kv_bytes_per_slot, pages_that_fit, slot_of, token_slots
 from specattn.engine.request import Request
 from specattn.engine.sampling import SamplingParams
 from specattn.engine.stopping import OutputTracker
@@ -229,6 +230,31 @@ def test_attention_backend_choice():
             EngineConfig(attention="flashinfer", **kw)
     with pytest.raises(ValueError, match="unknown attention backend"):
         EngineConfig(attention="xformers")
+
+
+def test_unset_limits_follow_the_device(smollm_files):
+    """Left unset, the scheduler's limits are the CPU's or a GPU node's (as vLLM and SGLang default there); set ones stay;
+    an engine on the CPU gets the CPU's KV pool and limits."""
+    assert SchedulerConfig().for_device("cpu") == SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)
+    assert SchedulerConfig().for_device("cuda:1") == SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192)
+    assert SchedulerConfig(max_num_seqs=8).for_device("cuda") == SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8192)
+    engine = LLMEngine(EngineConfig(device="cpu"), smollm_files)
+    assert engine.cache.allocator.num_pages == CPU_NUM_PAGES
+    assert (engine.scheduler.config.max_num_seqs, engine.scheduler.config.max_num_batched_tokens) == (64, 1024)
+
+
+def test_kv_pool_sized_from_a_memory_budget(smollm_files):
+    """A GPU's pool: the whole pages that fit in the budget, less the scratch page; none fitting is a clear error."""
+    per_slot = 23_040  # the default model's K and V in bf16: 2 · 30 layers · 3 heads · 64 · 2 bytes
+    assert kv_bytes_per_slot(smollm_files.config, torch.bfloat16) == per_slot
+    assert pages_that_fit(10 * 2**30, per_slot, 16) == 10 * 2**30 // (per_slot * 16) - 1
+    assert pages_that_fit(3 * per_slot * 16 - 1, per_slot, 16) == 1
+    with pytest.raises(ValueError, match="--gpu-memory-utilization"):
+        pages_that_fit(2 * per_slot * 16 - 1, per_slot, 16)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        CacheConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="positive"):
+        CacheConfig(num_pages=0)
 
 
 @pytest.mark.parametrize("page_size,gamma", [(16, 3), (4, 4)], ids=["gamma-3", "verification-longer-than-a-page"])
