@@ -136,6 +136,36 @@ def test_no_probes_where_speculation_could_not_be_chosen_even_with_every_draft_a
     assert sum(n for g, n in ctl.histogram.items() if g) <= 5 and ctl.histogram[1] == 0, ctl.histogram
 
 
+def test_one_request_speculates_only_for_its_first_measurements_where_its_drafts_cannot_pay():
+    """One request at 8k on the H200 (session 13's sweep): plain 1.2 ms a step, a γ step 1.25 + 1.055·γ ms, drafts
+    accepted with 0.6–0.8 (what the adaptive run there measured). Were every draft accepted γ_max would win by 4 %
+    beyond the margin, so with that bound the controller timed γ_max a fourth time and probed γ = 1 twice: six
+    speculative steps in a 128-token request (as on the H200), 0.93–0.96× plain decoding. Bounded by the acceptance it
+    has measured, it speculates only while γ_max's first time is on its way (three steps, the engine's lag)."""
+
+    def cost(gamma: int) -> float:
+        return 1.2 if gamma == 0 else 1.25 + 1.055 * gamma
+
+    for accept in (0.6, 0.8):
+        _, ctl = _simulate(cost, accept, steps=120, batch=1, lag=2)
+        assert ctl.histogram[0] == 117 and ctl.histogram[MAX_GAMMA] == 3, (accept, ctl.histogram)
+
+
+def test_probes_resume_once_what_the_counts_say_has_faded():
+    """16 requests whose drafts are mostly rejected (0.3): plain decoding wins and, bounded by that acceptance, is not
+    probed. Then the text turns predictable (0.95): as the counts fade the bound rises, a probe finds the drafts
+    accepted, and the controller speculates for most of the rest."""
+
+    def cost(gamma: int) -> float:
+        return 1.0 + (0.5 + 0.3 * gamma if gamma else 0.0)
+
+    _, ctl = _simulate(cost, 0.3, steps=300, batch=16, lag=2)
+    assert ctl.histogram[0] >= 296, ctl.histogram
+    ctl.histogram.clear()
+    _simulate(cost, 0.95, steps=1500, batch=16, lag=2, ctl=ctl)
+    assert ctl.histogram[MAX_GAMMA] >= 1300, ctl.histogram  # (1 422 in this simulation)
+
+
 def test_plain_steps_off_the_pace_do_not_draw_probes():
     """One request at 8k on the H200, traced: plain steps 1.23 ms, but every 32nd is the scored step that renews the
     selections (1.95 ms) and the next one waits behind it (2.0 ms); a γ step 1.35 + 1.235·γ ms. Plain decoding's
