@@ -13,7 +13,9 @@ set -- serve \
     ${SPECATTN_DTYPE:+--dtype "$SPECATTN_DTYPE"} \
     ${SPECATTN_NUM_PAGES:+--num-pages "$SPECATTN_NUM_PAGES"} \
     ${SPECATTN_PAGE_SIZE:+--page-size "$SPECATTN_PAGE_SIZE"} \
+    ${SPECATTN_GPU_MEMORY_UTILIZATION:+--gpu-memory-utilization "$SPECATTN_GPU_MEMORY_UTILIZATION"} \
     ${SPECATTN_MAX_NUM_SEQS:+--max-num-seqs "$SPECATTN_MAX_NUM_SEQS"} \
+    ${SPECATTN_MAX_NUM_BATCHED_TOKENS:+--max-num-batched-tokens "$SPECATTN_MAX_NUM_BATCHED_TOKENS"} \
     ${SPECATTN_DRAFTER:+--drafter "$SPECATTN_DRAFTER"} \
     ${SPECATTN_GAMMA:+--gamma "$SPECATTN_GAMMA"} \
     ${SPECATTN_MAX_QUEUE:+--max-queue "$SPECATTN_MAX_QUEUE"} \

@@ -117,10 +117,7 @@ class LLMEngine:
         if not buckets:
             return
         scratch = [self.cache.scratch_page]
-        spec = self.config.spec
-        choices = range(1, spec.max_gamma + 1) if spec.adaptive else [spec.max_gamma]
-        # a verification longer than a page is never a graph (padding lives on the one scratch page)
-        gammas = [] if self.drafter is None else [g for g in choices if g + 1 <= self.cache.page_size]
+        gammas = self._graph_gammas()
         no_selection = torch.empty(self.model_config.num_layers, 0, dtype=torch.int32, device=self.cache.k.device)
         first_slot = self.cache.scratch_page * self.cache.page_size
         scored = self.drafter is not None and self.drafter.needs_scores
@@ -135,19 +132,39 @@ class LLMEngine:
                 sparse = SparseKV(no_selection, -1, [first_slot])
                 self.runner.run_drafts([SequenceInput([0], 0, scratch, 1, sparse=sparse)] * b, 1, None)
 
+    def _graph_gammas(self) -> list[int]:
+        """The draft lengths whose verification is captured as a graph."""
+        spec = self.config.spec
+        choices = range(1, spec.max_gamma + 1) if spec.adaptive else [spec.max_gamma]
+        # a verification longer than a page is never a graph (padding lives on the one scratch page)
+        return [] if self.drafter is None else [g for g in choices if g + 1 <= self.config.cache.page_size]
+
+    def _graph_output_bytes(self) -> int:
+        """What the graphs _capture_graphs makes keep allocated: each its own float32 logits and argmax, a row per
+        query token (≈ 4 GB for the default model at 256 sequences and adaptive γ ≤ 4)."""
+        from .flashinfer_attention import graph_batches
+
+        scored = self.drafter is not None and self.drafter.needs_scores
+        queries = 1 + scored + sum(g + 1 for g in self._graph_gammas()) + (self.drafter is not None)
+        rows = queries * sum(graph_batches(self.config.resolved_scheduler.max_num_seqs))
+        return rows * (4 * self.model_config.vocab_size + 8)
+
     def _num_pages(self) -> int:
-        """The KV pool's pages: as configured, else CPU_NUM_PAGES on the CPU and on CUDA what the memory budget leaves."""
+        """The KV pool's pages: as configured, else CPU_NUM_PAGES on the CPU and on CUDA what the memory budget leaves
+        once the CUDA graphs' outputs are set aside."""
         cache, mc = self.config.cache, self.model_config
         if cache.num_pages is not None:
             return cache.num_pages
         if not self.config.device.startswith("cuda"):
             return CPU_NUM_PAGES
-        per_slot = kv_bytes_per_slot(mc, self.config.resolved_dtype)
-        if self.config.resolved_attention == "flashinfer" and self.drafter is not None and self.drafter.needs_scores:
+        per_slot, graphs = kv_bytes_per_slot(mc, self.config.resolved_dtype), 0
+        if self.config.resolved_attention == "flashinfer":
             from .flashinfer_attention import FlashInferAttentionBackend
 
-            per_slot += FlashInferAttentionBackend.score_bytes_per_slot(mc.num_layers, mc.num_heads, mc.num_kv_heads)
-        return gpu_kv_pages(cache, per_slot, self.config.device)
+            if self.drafter is not None and self.drafter.needs_scores:
+                per_slot += FlashInferAttentionBackend.score_bytes_per_slot(mc.num_layers, mc.num_heads, mc.num_kv_heads)
+            graphs = 0 if self.config.enforce_eager else self._graph_output_bytes()
+        return gpu_kv_pages(cache, per_slot, self.config.device, reserved_bytes=graphs)
 
     def _attention_backend(self) -> AttentionBackend:
         scale = self.model_config.head_dim**-0.5

@@ -125,6 +125,11 @@ class _DraftPlan:
         self.slot_mapping.copy_(self.recent.gather(1, self.counts.long()[:, None] - 1)[:, 0])
 
 
+def graph_batches(max_batch: int) -> list[int]:
+    """The batch sizes whose decode-phase steps are captured as CUDA graphs, for running batches of up to max_batch."""
+    return [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch]
+
+
 class FlashInferAttentionBackend:
     def __init__(
         self,
@@ -152,7 +157,7 @@ class FlashInferAttentionBackend:
         # attention: 10-27 % faster than the CUDA-core decode kernel at batch ≥ 64 (docs/results/kernels-h200.md)
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True, backend="fa2")
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD", backend="fa2")
-        self.graph_batches = [b for b in GRAPH_BATCHES if b < max_batch] + [max_batch] if graphs else []
+        self.graph_batches = graph_batches(max_batch) if graphs else []
         self._max_query_len = min(max_query_len, cache.page_size)  # padding sequences fit on the scratch page
         # per sequence, for the fixed draft buffers: selected slots, and recent slots of a whole chain
         self._max_draft_selected = max_draft_selected

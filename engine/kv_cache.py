@@ -128,12 +128,13 @@ def pages_that_fit(budget_bytes: float, bytes_per_slot: int, page_size: int) -> 
     return pages
 
 
-def gpu_kv_pages(cache: CacheConfig, bytes_per_slot: int, device: str) -> int:
+def gpu_kv_pages(cache: CacheConfig, bytes_per_slot: int, device: str, reserved_bytes: int = 0) -> int:
     """KV pages on a CUDA device: what cache.gpu_memory_utilization of its memory leaves beside what is in use now
-    (the loaded weights, other processes), as vLLM's gpu_memory_utilization does."""
+    (the loaded weights, other processes) and reserved_bytes still to come, as vLLM's gpu_memory_utilization does."""
     torch.cuda.empty_cache()  # blocks cached while loading are free, not in use
     free, total = torch.cuda.mem_get_info(torch.device(device))
-    return pages_that_fit(cache.gpu_memory_utilization * total - (total - free), bytes_per_slot, cache.page_size)
+    budget = cache.gpu_memory_utilization * total - (total - free) - reserved_bytes
+    return pages_that_fit(budget, bytes_per_slot, cache.page_size)
 
 
 class KVCache:
