@@ -197,9 +197,10 @@ def test_gpu_default_pool_takes_the_memory_budget_and_serves(smollm_files):
     out = engine.generate([ids] * 3, SamplingParams(max_tokens=30, temperature=0))
     assert [tok.decode(o) for o in out] == ["The capital of France is Paris."] * 3
     held = torch.cuda.memory_allocated() - allocated
-    # over the budget by at most the fixed workspaces (FlashInfer's 256 MiB, the draft and scored-row buffers); under it
-    # by at most the page rounding and what loading leaves outside torch's allocator
-    assert budget - 2**30 <= held <= budget + 2**29, (held / 2**30, budget / 2**30)
+    # over the budget by what the sizing leaves to the remaining share: on the H200 1.13 GiB (FlashInfer's split-k and
+    # per-wrapper workspaces, each graph's page-index buffer); under it by the page rounding and what loading leaves
+    # outside torch's allocator. Unaccounted graph outputs would put it ≈ 4 GB over.
+    assert budget - 2**30 <= held <= budget + 1.5 * 2**30, (held / 2**30, budget / 2**30)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
