@@ -220,7 +220,8 @@ def test_entry_command_serves_with_the_image_arguments(tmp_path):
     # configuration by environment, as `docker run -e` gives it; only the listening address differs from the image
     env = _env(SPECATTN_HOST="127.0.0.1", SPECATTN_PORT=str(port), SPECATTN_DEVICE="cpu", SPECATTN_NUM_PAGES="128",
                SPECATTN_DRAFTER="streaming", SPECATTN_GAMMA="3", SPECATTN_ADAPTIVE="0",
-               SPECATTN_SERVED_MODEL_NAME="smol", SPECATTN_SHUTDOWN_GRACE="2")
+               SPECATTN_SERVED_MODEL_NAME="smol", SPECATTN_SHUTDOWN_GRACE="2", SPECATTN_MAX_NUM_SEQS="8",
+               SPECATTN_MAX_NUM_BATCHED_TOKENS="96", SPECATTN_GPU_MEMORY_UTILIZATION="0.5")
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([*entry, *cmd], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -254,6 +255,8 @@ def test_entry_command_serves_with_the_image_arguments(tmp_path):
     assert rc == 0, log.read_text()
     assert "--log-level info" in " ".join(cmd)
     assert "loading" in log.read_text().lower()  # CMD's --log-level info reached the server
+    # the pool and scheduler limits from the environment reached the engine (on the CPU the memory share is unused)
+    assert "KV cache: 128 pages of 16 tokens (0.09 GiB); up to 8 requests a step, 96 tokens of prefill" in log.read_text()
     assert subprocess.run(health, env=env, capture_output=True, timeout=10).returncode == 1  # stopped: unhealthy
 
 
