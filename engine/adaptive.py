@@ -24,12 +24,12 @@ where plain decoding wins pays a few speculative steps for that, once).
 While plain decoding wins, the most promising γ is probed now and then (only where speculation could be chosen at
 the optimistic bound; after 32 steps, then twice as long after each probe plain decoding still wins, up to 1024) so
 that a change in the text's predictability is noticed; while a shorter γ wins, γ_max is timed again every 64 steps,
-so a change in what drafts cost is. The optimistic bound of a position's acceptance is its estimate plus one standard
-error, the decayed counts as the sample size: before anything is measured 0.93 (the prior), after a step of many
-requests close to what they accept, and after one request's first few verifications near it, so that one request whose
-drafts cannot pay is not made to speculate over and over to find that out (on the H200 six speculative steps of a
-128-token request, 5 % of its time). The counts fade a little every step, so while nothing is drafted the bound
-rises back toward 1 and probes resume.
+so a change in what drafts cost is. The optimistic bound of a position's acceptance is one standard error above its
+estimate (the upper end of the Wilson score interval), the decayed counts as the sample size: before anything is
+measured 0.87 (the prior), after a step of many requests close to what they accept, and after one request's first few
+verifications well below 1, so that one request whose drafts cannot pay is not made to speculate over and over to find
+that out (on the H200 six speculative steps of a 128-token request, 5 % of its time). The counts fade a little every
+step, so while nothing is drafted the bound rises back toward 1 and probes resume.
 """
 
 from __future__ import annotations
@@ -75,14 +75,22 @@ class GammaController:
         return [a / o if o > 0 else 0.0 for a, o in zip(self._accepted, self._offered)]
 
     def acceptance_bound(self) -> list[float]:
-        """Each position's acceptance estimate plus one standard error (its decayed count as the sample size)."""
-        return [min(1.0, p + math.sqrt(p * (1 - p) / o)) if o > 0 else 1.0
-                for p, o in zip(self.acceptance(), self._offered)]
+        """Each position's acceptance at one standard error above its estimate: the upper end of the Wilson score
+        interval, its decayed count as the sample size (unlike estimate + error it rises as the count fades even where
+        nearly every draft was rejected)."""
+        bounds = []
+        for p, n in zip(self.acceptance(), self._offered):
+            if n <= 0:
+                bounds.append(1.0)
+                continue
+            spread = math.sqrt(p * (1 - p) / n + 0.25 / n**2)
+            bounds.append(min(1.0, (p + 0.5 / n + spread) / (1 + 1 / n)))
+        return bounds
 
     def expected_tokens(self, gamma: int, acceptance: list[float] | None = None) -> float:
         """E(γ) at the estimated acceptance, or at the one given per position."""
         total, chain = 1.0, 1.0
-        for a in (acceptance or self.acceptance())[:gamma]:
+        for a in (self.acceptance() if acceptance is None else acceptance)[:gamma]:
             chain *= a
             total += chain
         return total

@@ -64,7 +64,7 @@ class ModelConfig:
         return torch.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled).float()
 
 
-CPU_NUM_PAGES = 2048  # 32k tokens: ~0.7 GB in fp32 for the default model
+CPU_NUM_PAGES = 2048  # 32k tokens: 1.5 GB in fp32 for the default model
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class CacheConfig:
     # None: CPU_NUM_PAGES on the CPU; on CUDA as many as fit in what gpu_memory_utilization leaves once the weights
     # are loaded (docs/deployment.md, "Sizing on a GPU node")
     num_pages: int | None = None
-    # CUDA: the share of the GPU's memory that weights, KV pool and its score buffers may take (what other processes
-    # hold counts against it); activations, CUDA graphs and workspaces live in the rest
+    # CUDA: the share of the GPU's memory that the weights, the KV pool with its score buffers and the CUDA graphs'
+    # outputs may take (what other processes hold counts against it); activations and workspaces live in the rest
     gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
@@ -84,15 +84,17 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-# Unset scheduler limits by device. On CUDA, vLLM's and SGLang's serving defaults on an H100/H200-class GPU: prefill
-# in 8k-token chunks (a 1k chunk left a wave of long prompts waiting seconds for their first token, perf-notes 57)
-# and up to 256 sequences a step (speculation gains most at large batches). The CPU ones keep a step short.
-SCHEDULER_DEFAULTS = {"cpu": (64, 1024), "cuda": (256, 8192)}  # (max_num_seqs, max_num_batched_tokens)
+# Unset scheduler limits, (max_num_seqs, max_num_batched_tokens). Where the FlashInfer path serves (CUDA, 16-bit),
+# vLLM's and SGLang's serving defaults on an H100/H200-class GPU: prefill in 8k-token chunks (1k chunks left a wave of
+# long prompts waiting seconds for their first token, perf-notes 57) and up to 256 sequences a step (speculation
+# gains most at large batches). Elsewhere (the CPU; the torch reference backend, whose padded K/V gathers grow with
+# the batch) small ones keep a step short.
+SCHEDULER_DEFAULTS = {"gpu": (256, 8192), "reference": (64, 1024)}
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int | None = None  # None: SCHEDULER_DEFAULTS for the device
+    max_num_seqs: int | None = None  # None: from SCHEDULER_DEFAULTS
     max_num_batched_tokens: int | None = None  # prefill chunk budget per step, shared with decodes (None: as above)
     # queue a plain decode step's successor before reading its tokens (they stay on the device), and after any other
     # greedy step the next draft chain: no GPU idle between steps
@@ -102,9 +104,9 @@ class SchedulerConfig:
         if any(v is not None and v <= 0 for v in (self.max_num_seqs, self.max_num_batched_tokens)):
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
 
-    def for_device(self, device: str) -> SchedulerConfig:
-        """This config with its unset limits filled in for the device."""
-        seqs, tokens = SCHEDULER_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    def with_defaults(self, gpu: bool) -> SchedulerConfig:
+        """This config with its unset limits filled in: the GPU path's, or the reference path's."""
+        seqs, tokens = SCHEDULER_DEFAULTS["gpu" if gpu else "reference"]
         return replace(self, max_num_seqs=self.max_num_seqs or seqs,
                        max_num_batched_tokens=self.max_num_batched_tokens or tokens)
 
@@ -178,7 +180,7 @@ class EngineConfig:
 
     @property
     def resolved_scheduler(self) -> SchedulerConfig:
-        return self.scheduler.for_device(self.device)
+        return self.scheduler.with_defaults(gpu=self.resolved_attention == "flashinfer")
 
     @property
     def resolved_attention(self) -> str:

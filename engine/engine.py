@@ -93,9 +93,12 @@ class LLMEngine:
         dtype = config.resolved_dtype
         self.model = DecoderModel(files.config, files.weights, dtype, config.device)
         self.drafter = make_drafter(config.spec, files.config.num_layers)
-        self.cache = KVCache(files.config, replace(config.cache, num_pages=self._num_pages()), dtype, config.device)
+        # from here on the config holds what it left to the engine: the pool's size and the device's limits
+        self.config = replace(config, cache=replace(config.cache, num_pages=self._num_pages()),
+                              scheduler=config.resolved_scheduler)
+        self.cache = KVCache(files.config, self.config.cache, dtype, config.device)
         self.runner = ModelRunner(self.model, self._attention_backend())
-        self.scheduler = Scheduler(config.resolved_scheduler, self.cache.allocator)
+        self.scheduler = Scheduler(self.config.scheduler, self.cache.allocator)
         self.gamma_controller = GammaController(config.spec.max_gamma, config.spec.adaptive)
         self.spec_stats = SpecStats()
         self._trackers: dict[str, OutputTracker] = {}
@@ -158,12 +161,12 @@ class LLMEngine:
         if not self.config.device.startswith("cuda"):
             return CPU_NUM_PAGES
         per_slot, graphs = kv_bytes_per_slot(mc, self.config.resolved_dtype), 0
-        if self.config.resolved_attention == "flashinfer":
+        if self.config.resolved_attention == "flashinfer" and not self.config.enforce_eager:
             from .flashinfer_attention import FlashInferAttentionBackend
 
-            if self.drafter is not None and self.drafter.needs_scores:
+            if self.drafter is not None and self.drafter.needs_scores:  # the scoring graphs' per-slot buffers
                 per_slot += FlashInferAttentionBackend.score_bytes_per_slot(mc.num_layers, mc.num_heads, mc.num_kv_heads)
-            graphs = 0 if self.config.enforce_eager else self._graph_output_bytes()
+            graphs = self._graph_output_bytes()
         return gpu_kv_pages(cache, per_slot, self.config.device, reserved_bytes=graphs)
 
     def _attention_backend(self) -> AttentionBackend:
@@ -173,7 +176,7 @@ class LLMEngine:
 
             spec = self.config.spec
             return FlashInferAttentionBackend(
-                self.cache, scale, self.model_config.num_heads, max_batch=self.config.resolved_scheduler.max_num_seqs,
+                self.cache, scale, self.model_config.num_heads, max_batch=self.config.scheduler.max_num_seqs,
                 max_query_len=spec.max_gamma + 1,
                 max_draft_selected=token_budget(self.max_context, spec.budget_ratio, spec.min_budget),
                 # a chain of drafts attends the positions since its anchor: fewer than MAX_SELECTION_AGE before

@@ -26,7 +26,7 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator):
-        assert config.max_num_seqs and config.max_num_batched_tokens, "limits filled in for the device (for_device)"
+        assert config.max_num_seqs and config.max_num_batched_tokens, "limits filled in (SchedulerConfig.with_defaults)"
         self.config = config
         self.allocator = allocator
         self.waiting: deque[Request] = deque()

@@ -25,13 +25,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-pages", type=int, default=None,
                    help=f"KV cache pages (default: {CPU_NUM_PAGES} on CPU; on CUDA as many as --gpu-memory-utilization leaves)")
     p.add_argument("--gpu-memory-utilization", type=float, default=CacheConfig.gpu_memory_utilization,
-                   help="CUDA: the share of GPU memory the weights and KV cache may take (others' use counts against it)")
+                   help="CUDA: the share of GPU memory the weights, KV cache and CUDA graphs may take (others' use "
+                        "counts against it)")
     p.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
-    cpu, cuda = SCHEDULER_DEFAULTS["cpu"], SCHEDULER_DEFAULTS["cuda"]
+    gpu, reference = SCHEDULER_DEFAULTS["gpu"], SCHEDULER_DEFAULTS["reference"]
     p.add_argument("--max-num-seqs", type=int, default=None,
-                   help=f"requests decoded in one step (default: {cuda[0]} on CUDA, {cpu[0]} on CPU)")
+                   help=f"requests decoded in one step (default: {gpu[0]} with FlashInfer on CUDA, else {reference[0]})")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help=f"tokens one step may prefill, decodes included (default: {cuda[1]} on CUDA, {cpu[1]} on CPU)")
+                   help=f"tokens one step may prefill, decodes included (default: {gpu[1]} with FlashInfer on CUDA, "
+                        f"else {reference[1]})")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="read every step's tokens before queueing the next (by default a plain decode step's successor "
                         "is queued first, its tokens taken on the GPU, and after a verification the next draft chain)")

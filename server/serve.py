@@ -77,7 +77,7 @@ async def serve(
         gc.freeze()
         name = served_model_name or engine.engine.model_name
         state.attach(engine, name)
-        pool, sched = engine.engine.cache, config.resolved_scheduler
+        pool, sched = engine.engine.cache, engine.engine.config.scheduler
         log.info("KV cache: %d pages of %d tokens (%.2f GiB); up to %d requests a step, %d tokens of prefill",
                  pool.allocator.num_pages, pool.page_size, 2 * pool.k.nbytes / 2**30, sched.max_num_seqs,
                  sched.max_num_batched_tokens)

@@ -166,6 +166,21 @@ def test_probes_resume_once_what_the_counts_say_has_faded():
     assert ctl.histogram[MAX_GAMMA] >= 1300, ctl.histogram  # (1 422 in this simulation)
 
 
+def test_probes_resume_even_after_every_draft_was_rejected():
+    """256 requests whose drafts are all rejected for 400 steps drive the acceptance estimate to nearly 0; when the text
+    turns predictable the bound still rises as the counts fade (an estimate-plus-standard-error bound would stay at 0
+    there, and the controller would never speculate again), so within a few hundred steps it speculates."""
+
+    def cost(gamma: int) -> float:
+        return 1.0 + (0.5 + 0.1 * gamma if gamma else 0.0)
+
+    _, ctl = _simulate(cost, 0.0, steps=400, batch=256, lag=2)
+    assert ctl.histogram[0] >= 396, ctl.histogram
+    ctl.histogram.clear()
+    _simulate(cost, 0.95, steps=1000, batch=256, lag=2, ctl=ctl)
+    assert ctl.histogram[MAX_GAMMA] >= 750, ctl.histogram  # (833 in this simulation)
+
+
 def test_plain_steps_off_the_pace_do_not_draw_probes():
     """One request at 8k on the H200, traced: plain steps 1.23 ms, but every 32nd is the scored step that renews the
     selections (1.95 ms) and the next one waits behind it (2.0 ms); a γ step 1.35 + 1.235·γ ms. Plain decoding's

@@ -233,14 +233,16 @@ def test_attention_backend_choice():
 
 
 def test_unset_limits_follow_the_device(smollm_files):
-    """Left unset, the scheduler's limits are the CPU's or a GPU node's (as vLLM and SGLang default there); set ones stay;
-    an engine on the CPU gets the CPU's KV pool and limits."""
-    assert SchedulerConfig().for_device("cpu") == SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)
-    assert SchedulerConfig().for_device("cuda:1") == SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192)
-    assert SchedulerConfig(max_num_seqs=8).for_device("cuda") == SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8192)
+    """Left unset, the scheduler's limits are a GPU node's where the FlashInfer path serves (as vLLM and SGLang default
+    there) and small ones elsewhere; set ones stay; an engine on the CPU gets the CPU's KV pool and limits, and its
+    config says what it got."""
+    assert SchedulerConfig().with_defaults(gpu=False) == SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)
+    assert SchedulerConfig().with_defaults(gpu=True) == SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192)
+    assert SchedulerConfig(max_num_seqs=8).with_defaults(gpu=True) == SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8192)
+    assert EngineConfig(device="cuda", dtype=torch.float32).resolved_scheduler.max_num_seqs == 64  # the torch reference
     engine = LLMEngine(EngineConfig(device="cpu"), smollm_files)
-    assert engine.cache.allocator.num_pages == CPU_NUM_PAGES
-    assert (engine.scheduler.config.max_num_seqs, engine.scheduler.config.max_num_batched_tokens) == (64, 1024)
+    assert engine.cache.allocator.num_pages == engine.config.cache.num_pages == CPU_NUM_PAGES
+    assert engine.config.scheduler == engine.scheduler.config == SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)
 
 
 def test_kv_pool_sized_from_a_memory_budget(smollm_files):
