@@ -151,34 +151,29 @@ def test_one_request_speculates_only_for_its_first_measurements_where_its_drafts
         assert ctl.histogram[0] == 117 and ctl.histogram[MAX_GAMMA] == 3, (accept, ctl.histogram)
 
 
-def test_probes_resume_once_what_the_counts_say_has_faded():
-    """16 requests whose drafts are mostly rejected (0.3): plain decoding wins and, bounded by that acceptance, is not
-    probed. Then the text turns predictable (0.95): as the counts fade the bound rises, a probe finds the drafts
-    accepted, and the controller speculates for most of the rest."""
+@pytest.mark.parametrize(
+    "rejected_accept,batch,per_draft,rejected_steps,later_steps,min_gamma_max",
+    [
+        (0.3, 16, 0.3, 300, 1500, 1300),  # mostly rejected (1 422 at γ_max in this simulation)
+        # all rejected: the estimate goes to nearly 0, where estimate + standard error would stay (0 speculative steps)
+        (0.0, 256, 0.1, 400, 1000, 750),  # (833)
+    ],
+    ids=["mostly-rejected", "all-rejected"],
+)
+def test_probes_resume_once_what_the_counts_say_has_faded(rejected_accept, batch, per_draft, rejected_steps, later_steps,
+                                                          min_gamma_max):
+    """Requests whose drafts are rejected: plain decoding wins and, bounded by that acceptance, is not probed. Then the
+    text turns predictable (0.95): as the counts fade the bound rises, a probe finds the drafts accepted, and the
+    controller speculates for most of the rest."""
 
     def cost(gamma: int) -> float:
-        return 1.0 + (0.5 + 0.3 * gamma if gamma else 0.0)
+        return 1.0 + (0.5 + per_draft * gamma if gamma else 0.0)
 
-    _, ctl = _simulate(cost, 0.3, steps=300, batch=16, lag=2)
-    assert ctl.histogram[0] >= 296, ctl.histogram
+    _, ctl = _simulate(cost, rejected_accept, steps=rejected_steps, batch=batch, lag=2)
+    assert ctl.histogram[0] >= rejected_steps - 4, ctl.histogram
     ctl.histogram.clear()
-    _simulate(cost, 0.95, steps=1500, batch=16, lag=2, ctl=ctl)
-    assert ctl.histogram[MAX_GAMMA] >= 1300, ctl.histogram  # (1 422 in this simulation)
-
-
-def test_probes_resume_even_after_every_draft_was_rejected():
-    """256 requests whose drafts are all rejected for 400 steps drive the acceptance estimate to nearly 0; when the text
-    turns predictable the bound still rises as the counts fade (an estimate-plus-standard-error bound would stay at 0
-    there, and the controller would never speculate again), so within a few hundred steps it speculates."""
-
-    def cost(gamma: int) -> float:
-        return 1.0 + (0.5 + 0.1 * gamma if gamma else 0.0)
-
-    _, ctl = _simulate(cost, 0.0, steps=400, batch=256, lag=2)
-    assert ctl.histogram[0] >= 396, ctl.histogram
-    ctl.histogram.clear()
-    _simulate(cost, 0.95, steps=1000, batch=256, lag=2, ctl=ctl)
-    assert ctl.histogram[MAX_GAMMA] >= 750, ctl.histogram  # (833 in this simulation)
+    _simulate(cost, 0.95, steps=later_steps, batch=batch, lag=2, ctl=ctl)
+    assert ctl.histogram[MAX_GAMMA] >= min_gamma_max, ctl.histogram
 
 
 def test_plain_steps_off_the_pace_do_not_draw_probes():
