@@ -213,16 +213,21 @@ def _rows(variants: list[str], context: int, batch: int, requests: int, runs: di
     return rows
 
 
+def bench_engine_config(device: str, dtype: torch.dtype | None, spec: SpecConfig, context: int, batch: int,
+                        max_tokens: int, prefill_chunk: int = 0) -> EngineConfig:
+    """An engine for `batch` requests of `context` tokens: a KV pool that holds them all with their output, and
+    (prefill_chunk 0) every prompt prefilled in the first step, so decoding runs at the full batch."""
+    pages = -(-(context + max_tokens + 32) // 16) * batch + 64
+    return EngineConfig(device=device, dtype=dtype, spec=spec, cache=CacheConfig(num_pages=pages),
+                        scheduler=SchedulerConfig(max_num_seqs=batch,
+                                                  max_num_batched_tokens=prefill_chunk or batch * (context + 64)))
+
+
 def _engine_runs(args, files: ModelFiles, device: str, spec: SpecConfig, warm: bool, prompts, context: int, batch: int,
                  name: str) -> list[_Run]:
     """Build an engine for a variant, warm it up, and time --repeats runs of the workload on it."""
-    pages = -(-(context + args.max_tokens + 32) // 16) * batch + 64
-    engine = LLMEngine(
-        EngineConfig(device=device, dtype=DTYPES[args.dtype], spec=spec, cache=CacheConfig(num_pages=pages),
-                     scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=args.prefill_chunk
-                                               or batch * (context + 64))),
-        files,
-    )
+    engine = LLMEngine(bench_engine_config(device, DTYPES[args.dtype], spec, context, batch, args.max_tokens,
+                                           args.prefill_chunk), files)
     # warm-up at the same batch size on short prompts: kernels compile (the engine captured its decode-phase CUDA
     # graphs when it was built)
     run_engine(engine, [p[:256] for p in prompts], 24, tqdm(disable=True))

@@ -23,12 +23,12 @@ from collections import defaultdict
 
 import torch
 
-from specattn.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from specattn.engine.config import SpecConfig
 from specattn.engine.engine import LLMEngine
 from specattn.engine.loader import load_model_files
 from specattn.engine.sampling import SamplingParams
 from specattn.loadtest.documents import load_documents
-from specattn.loadtest.offline import build_prompts, parse_variant
+from specattn.loadtest.offline import bench_engine_config, build_prompts, parse_variant
 
 
 def trace(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[tuple[int, float, int]]:
@@ -99,12 +99,9 @@ def main() -> None:
     pauses = record_full_collections()
     files = load_model_files(None)
     prompts = build_prompts(files, "summarize", load_documents(args.docs), args.context, args.batch, args.max_tokens)
-    pages = -(-(args.context + args.max_tokens + 32) // 16) * args.batch + 64
     for name in args.variants:
         spec = parse_variant(name, SpecConfig())
-        engine = LLMEngine(EngineConfig(device=args.device, spec=spec, cache=CacheConfig(num_pages=pages),
-                                        scheduler=SchedulerConfig(max_num_seqs=args.batch,
-                                                                  max_num_batched_tokens=args.batch * (args.context + 64))), files)
+        engine = LLMEngine(bench_engine_config(args.device, None, spec, args.context, args.batch, args.max_tokens), files)
         trace(engine, [q[:256] for q in prompts], 24)  # warm-up, as the offline benchmark does
         if args.gc_freeze:
             gc.collect()

@@ -15,6 +15,7 @@ from specattn.engine.runner import SequenceInput
 from specattn.engine.sampling import SamplingParams
 
 from tests.test_async_scheduling import count_draft_chains_ahead
+from tests.conftest import CAPITAL_QUESTION
 from tests.test_engine import GREEDY, PROMPTS
 
 pytestmark = pytest.mark.gpu
@@ -165,12 +166,14 @@ def test_gpu_triton_attention_matches_plain_decoding(make_engine, documents, mon
     assert abs(rates[0] - rates[1]) < 0.05, f"acceptance with the separate score kernel {rates[0]:.2f}, on our kernel {rates[1]:.2f}"
 
 
-def test_gpu_answers_the_capital_question(make_engine, smollm_files):
-    from tests.conftest import CAPITAL_QUESTION
+def _capital_question(tok) -> list[int]:
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": CAPITAL_QUESTION}]), add_special_tokens=False)
 
+
+def test_gpu_answers_the_capital_question(make_engine, smollm_files):
     tok = smollm_files.tokenizer
     engine = make_engine(device="cuda", attention="flashinfer")
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": CAPITAL_QUESTION}]), add_special_tokens=False)
+    ids = _capital_question(tok)
     out = engine.generate([ids], SamplingParams(max_tokens=30, temperature=0))[0]
     assert tok.decode(out) == "The capital of France is Paris."
 
@@ -182,7 +185,6 @@ def test_gpu_default_pool_takes_the_memory_budget_and_serves(smollm_files):
     import gc
 
     from specattn.engine.config import CacheConfig, EngineConfig
-    from tests.conftest import CAPITAL_QUESTION
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -193,8 +195,7 @@ def test_gpu_default_pool_takes_the_memory_budget_and_serves(smollm_files):
     sched = engine.scheduler.config
     assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (256, 8192)
     tok = smollm_files.tokenizer
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": CAPITAL_QUESTION}]), add_special_tokens=False)
-    out = engine.generate([ids] * 3, SamplingParams(max_tokens=30, temperature=0))
+    out = engine.generate([_capital_question(tok)] * 3, SamplingParams(max_tokens=30, temperature=0))
     assert [tok.decode(o) for o in out] == ["The capital of France is Paris."] * 3
     held = torch.cuda.memory_allocated() - allocated
     # over the budget by what the sizing leaves to the remaining share: on the H200 1.13 GiB (FlashInfer's split-k and
