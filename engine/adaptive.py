@@ -17,7 +17,8 @@ t(γ) = t(0) + c + γ·d for γ ≥ 1: an unmeasured γ is read off the line thr
 measured, c is taken as 0, which makes shorter drafts look cheaper than they are, so they get tried and
 measured rather than written off). Acceptance is a decayed count per position.
 Plain decoding is timed first (twice), then γ_max (twice where it could be chosen, were drafts accepted at the
-optimistic bound below); in a
+optimistic bound below; the two back to back, and no third while both times are on their way: a step's time reaches
+the controller two choices after it was made, and at one request a third γ_max step is ≈ 0.5 ms lost); in a
 bucket new to a controller that has chosen in another, the nearest such bucket's choice comes first (twice), so a
 batch thinning at the end of a run does not spend the few steps it has in each bucket on plain decoding (a bucket
 where plain decoding wins pays a few speculative steps for that, once).
@@ -46,6 +47,7 @@ _REMEASURE_EVERY = 64  # steps after which γ_max is chosen again while a shorte
 _WINDOW = 9  # a step kind's time: the median of at most this many of its last times …
 _MAX_AGE = 128  # … recorded in the last this many steps (the newest one at least)
 _FADE = 0.995  # per step, on the acceptance counts: what they say fades with a half-life of ≈ 140 steps
+_LAG = 2  # choices the engine makes before a step's time arrives (it times a step once the step after it is read)
 
 
 def _bucket(batch_size: int) -> int:
@@ -63,6 +65,7 @@ class GammaController:
         self._samples: dict[int, Counter[int]] = {}  # bucket -> gamma -> step times recorded
         self._recent: dict[int, dict[int, deque[tuple[int, float]]]] = {}  # bucket -> gamma -> its last (step, time)
         self._remeasured_at: dict[int, int] = {}  # bucket -> step γ_max was last chosen to be measured again
+        self._top_in_flight: dict[int, deque[int]] = {}  # bucket -> steps γ_max was chosen to be timed, time not in
         self._chosen: dict[int, int] = {}  # bucket -> γ it last chose from its measurements (0: plain decoding)
         self._steps = 0
         self._probe_wait = _PROBE_EVERY
@@ -121,7 +124,14 @@ class GammaController:
             return borrowed if borrowed is not None and samples[borrowed] < 2 else 0
         top, bound = self.max_gamma, self.acceptance_bound()
         if samples[top] == 0 or (samples[top] == 1 and self.expected_tokens(top, bound) / times[top] > _MARGIN / times[0]):
-            return top
+            in_flight = self._top_in_flight.setdefault(bucket, deque())
+            while in_flight and self._steps - in_flight[0] > _LAG:
+                in_flight.popleft()  # a step that was not timed (it had prefill work): its time never comes
+            if samples[top] + len(in_flight) < 2:
+                in_flight.append(self._steps)
+                return top
+            if samples[top] == 0:
+                return 0  # both first times on their way
         cost = self._step_cost(times)
         rates = {g: self.expected_tokens(g) / cost(g) for g in range(1, self.max_gamma + 1)}
         best = max(rates, key=rates.get)
@@ -175,6 +185,8 @@ class GammaController:
         recent = [t for step, t in window if self._steps - step <= _MAX_AGE]
         times[gamma] = min(recent) if len(recent) < 3 else statistics.median(recent)
         samples[gamma] += 1
+        if gamma == self.max_gamma and self._top_in_flight.get(bucket):
+            self._top_in_flight[bucket].popleft()
 
     def record_acceptance(self, num_draft: int, num_accepted: int) -> None:
         for i in range(num_draft):

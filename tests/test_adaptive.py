@@ -141,14 +141,26 @@ def test_one_request_speculates_only_for_its_first_measurements_where_its_drafts
     accepted with 0.6–0.8 (what the adaptive run there measured). Were every draft accepted γ_max would win by 4 %
     beyond the margin, so with that bound the controller timed γ_max a fourth time and probed γ = 1 twice: six
     speculative steps in a 128-token request (as on the H200), 0.93–0.96× plain decoding. Bounded by the acceptance it
-    has measured, it speculates only while γ_max's first time is on its way (three steps, the engine's lag)."""
+    has measured, it speculates only for γ_max's two timings, back to back; not a third time while both are on their
+    way (the engine's lag: three γ_max steps on the H200 in session 14)."""
 
     def cost(gamma: int) -> float:
         return 1.2 if gamma == 0 else 1.25 + 1.055 * gamma
 
     for accept in (0.6, 0.8):
         _, ctl = _simulate(cost, accept, steps=120, batch=1, lag=2)
-        assert ctl.histogram[0] == 117 and ctl.histogram[MAX_GAMMA] == 3, (accept, ctl.histogram)
+        assert ctl.histogram[0] == 118 and ctl.histogram[MAX_GAMMA] == 2, (accept, ctl.histogram)
+
+
+def test_gamma_max_is_timed_again_when_a_chosen_step_was_not_timed():
+    """A γ_max step chosen for its first timing that had prefill work is never timed: once the engine's lag has passed
+    without its time, γ_max is chosen again, so the controller gets its two times instead of stalling on plain steps."""
+    ctl = GammaController(MAX_GAMMA, adaptive=True)
+    for _ in range(2):
+        assert ctl.choose(16) == 0
+        ctl.record_step_time(16, 0, 1.0)
+    assert [ctl.choose(16) for _ in range(3)] == [MAX_GAMMA, MAX_GAMMA, 0]  # neither timed: both steps had prefill
+    assert ctl.choose(16) == MAX_GAMMA
 
 
 @pytest.mark.parametrize(
@@ -229,7 +241,7 @@ def test_the_h200_trace_of_a_slow_step_after_prefill_keeps_gamma_max():
 
 
 def test_a_change_in_what_a_rarely_timed_gamma_costs_is_followed():
-    """γ_max costs an extra 1.5 plain steps for 700 steps (γ = 3 wins; γ_max is timed again every 64 steps), then
+    """γ_max costs an extra 1.5 plain steps for 700 steps (a shorter γ wins; γ_max is timed again every 64 steps), then
     nothing extra (γ_max wins). The controller moves to γ_max within about two of those remeasures: a kind's time is
     the median of recent times only, so its new times are not outvoted by nine from long ago."""
     step = 0
@@ -241,7 +253,7 @@ def test_a_change_in_what_a_rarely_timed_gamma_costs_is_followed():
         return 1.0 + (0.5 + 0.1 * gamma + extra if gamma else 0.0)
 
     _, ctl = _simulate(cost, 0.9, steps=700, batch=16, lag=2)
-    assert ctl.histogram.most_common(1)[0][0] == 3, ctl.histogram
+    assert 0 < ctl.histogram.most_common(1)[0][0] < MAX_GAMMA, ctl.histogram
     ctl.histogram.clear()
     _simulate(cost, 0.9, steps=400, batch=16, lag=2, ctl=ctl)
     assert ctl.histogram[MAX_GAMMA] >= 200, ctl.histogram
