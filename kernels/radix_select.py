@@ -1,10 +1,10 @@
 """Triton critical-token selection: every (layer, sequence) row's k highest scores, as positions in increasing order.
 
 One launch for a whole step's rows, where torch needs a top-k (several launches) and a sort: each program finds its
-row's k-th largest score by a radix select over the float's order-preserving 32-bit key, five bits at a time (seven
-histograms of the row's candidates, held in registers up to 16k positions), then writes the positions above it, and
-the first of those equal to it, in one ordered pass. The torch function of the same math is
-`kernels.selection.select_critical_tokens_torch`; tests compare the two.
+row's k-th largest score by a binary search over the float's order-preserving bits (32 counting passes over the row,
+held in registers up to 16k positions), then writes the positions above it, and the first of those equal to it, in
+one ordered pass. The torch function of the same math is `kernels.selection.select_critical_tokens_torch`; tests
+compare the two.
 """
 
 from __future__ import annotations
@@ -15,54 +15,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _key_of_float(x):
-    """The float32's order-preserving key, unsigned in an int64: negatives' bits inverted, non-negatives' sign bit set."""
-    bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    return tl.where(bits >= 2147483648, 4294967295 - bits, bits + 2147483648)
-
-
-@triton.jit
 def _float_of_key(key):
-    """The float32 whose order-preserving key is `key`; keys beyond -inf's and +inf's (NaN bit patterns) read as that
-    infinity (the search lands below -inf's key only where a row has fewer than k scores: then it takes them all)."""
+    """The float32 whose order-preserving key (unsigned, in an int64) is `key`: negatives' bits were inverted,
+    non-negatives' had the sign bit set. Keys beyond -inf's and +inf's (NaN bit patterns) read as that infinity, so
+    the count of scores >= the threshold falls monotonically with the key, as the search needs."""
     key = tl.minimum(tl.maximum(key, 0x7FFFFF), 0xFF800000)
     bits = tl.where(key >= 2147483648, key - 2147483648, 4294967295 - key)
     return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _digit_histogram(x, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr):
-    """Counts of the next digit (key bits SHIFT..SHIFT+BITS-1) over the scores whose higher key bits equal prefix;
-    NaNs (what masked lanes load) never count."""
-    key = _key_of_float(x)
-    candidate = (x == x) & ((key >> (SHIFT + BITS)) == prefix)
-    digit = ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
-    return tl.histogram(digit, 32, mask=candidate)
-
-
-@triton.jit
-def _next_digit(histogram, prefix, above, k, BITS: tl.constexpr):
-    """Extend the k-th largest key's prefix by one digit: the largest digit with at least k scores at or above it
-    (`above`: those above the prefix); `above` then counts those above the longer prefix."""
-    digits = tl.arange(0, 32)
-    at_or_above = tl.sum(histogram, axis=0) - tl.cumsum(histogram, axis=0) + histogram
-    digit = tl.maximum(tl.sum((above + at_or_above >= k).to(tl.int32), axis=0) - 1, 0)
-    above += tl.sum(tl.where(digits > digit, histogram, 0), axis=0)
-    return prefix * (1 << BITS) + digit, above
-
-
-@triton.jit
-def _search_pass(scores, row, width, prefix, above, k, SHIFT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                 ROW_IN_REGISTERS: tl.constexpr):
-    if ROW_IN_REGISTERS:
-        histogram = _digit_histogram(row, prefix, SHIFT, BITS)
-    else:
-        offs = tl.arange(0, BLOCK)
-        histogram = tl.zeros([32], dtype=tl.int32)
-        for start in range(0, width, BLOCK):
-            x = tl.load(scores + start + offs, mask=start + offs < width, other=float("nan"))
-            histogram += _digit_histogram(x, prefix, SHIFT, BITS)
-    return _next_digit(histogram, prefix, above, k, BITS)
+def _count_in_chunks(scores, width, threshold, BLOCK: tl.constexpr, STRICT: tl.constexpr):
+    """How many of the row's scores are >= threshold (> where STRICT), reading the row a block at a time."""
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, width, BLOCK):
+        x = tl.load(scores + start + offs, mask=start + offs < width, other=float("nan"))
+        count += ((x > threshold) if STRICT else (x >= threshold)).to(tl.int32)
+    return tl.sum(count, axis=0)
 
 
 # the row width and the batch change every step: no per-value specialization, so nothing recompiles mid-run
@@ -71,30 +41,29 @@ def _select_kernel(
     scores_ptr, budgets_ptr, out_ptr, num_seqs, width, out_width, BLOCK: tl.constexpr, ROW_IN_REGISTERS: tl.constexpr
 ):
     """Program (layer, sequence) row: out[row, :k] = its k best positions ascending (ties: lowest first), then width.
-    ROW_IN_REGISTERS (width <= BLOCK): the search's passes read registers instead of the row."""
+    ROW_IN_REGISTERS (width <= BLOCK): the search's 33 passes count over registers instead of re-reading the row."""
     row_index = tl.program_id(0).to(tl.int64)
     k = tl.load(budgets_ptr + row_index % num_seqs)
     scores = scores_ptr + row_index * width
     offs = tl.arange(0, BLOCK)
     if ROW_IN_REGISTERS:
         row = tl.load(scores + offs, mask=offs < width, other=float("nan"))
-    else:
-        row = 0.0  # not read: each pass loads the row
-    # the k-th largest key, five bits at a time from the top (32 = 6 × 5 + 2)
-    prefix = tl.zeros((), dtype=tl.int64)
-    above = tl.zeros((), dtype=tl.int32)
-    for shift in tl.static_range(27, 1, -5):
-        prefix, above = _search_pass(scores, row, width, prefix, above, k, shift, 5, BLOCK, ROW_IN_REGISTERS)
-    prefix, above = _search_pass(scores, row, width, prefix, above, k, 0, 2, BLOCK, ROW_IN_REGISTERS)
-    threshold = _float_of_key(prefix)
-    # what the final pass takes by value: above the threshold, then ties (equal floats: -0.0 ties 0.0) in order
+    # the largest key T with at least k scores >= float(T) is the k-th largest score's key; bit by bit from the top
+    # (NaN never counts, so masked lanes load it)
+    found = tl.zeros((), dtype=tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        candidate = found + (1 << bit)
+        threshold = _float_of_key(candidate)
+        if ROW_IN_REGISTERS:
+            count = tl.sum((row >= threshold).to(tl.int32), axis=0)
+        else:
+            count = _count_in_chunks(scores, width, threshold, BLOCK, False)
+        found = tl.where(count >= k, candidate, found)
+    threshold = _float_of_key(found)
     if ROW_IN_REGISTERS:
         above = tl.sum((row > threshold).to(tl.int32), axis=0)
     else:
-        above = tl.zeros((), dtype=tl.int32)
-        for start in range(0, width, BLOCK):
-            x = tl.load(scores + start + offs, mask=start + offs < width, other=float("nan"))
-            above += tl.sum((x > threshold).to(tl.int32), axis=0)
+        above = _count_in_chunks(scores, width, threshold, BLOCK, True)
     ties_taken = k - above
     out = out_ptr + row_index * out_width
     written = tl.zeros((), dtype=tl.int32)

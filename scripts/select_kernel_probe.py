@@ -5,10 +5,10 @@ Scores as a verification of the default model leaves them: [30 layers, batch, ct
 ceil(0.05 · ctx) per sequence. Per (ctx, batch): the kernel, its row held in registers at 4, 8 and 16 warps and read
 in chunks of 2048 at 8 warps, checked against the torch path, then each timed as the engine calls it, budgets list
 in, positions out (triton do_bench median, µs; the selection runs eagerly, between a verification and the next draft
-chain); the engine path uses `launch_shape`'s choice. --old FILE: also an older radix_select.py at its own launch
-shape (an A/B of two kernel versions in one process).
+chain); the engine path uses `launch_shape`'s choice. --other FILE: also another version of radix_select.py at its own
+launch shape (an A/B of two kernel versions in one process; e.g. scripts/radix_select_digits.py).
 Usage (GPU machine, from the repo root after `source scripts/gpu_env.sh`, which puts it and `specattn` on the path):
-    python3 scripts/select_kernel_probe.py [--contexts 4096 8192] [--batches 1 16 ...] [--old FILE]
+    python3 scripts/select_kernel_probe.py [--contexts 4096 8192] [--batches 1 16 ...] [--other FILE]
 Prints a table; exit 1 if a check fails.
 """
 
@@ -41,7 +41,7 @@ def triton_path(scores: torch.Tensor, budgets: list[int], shape: tuple[int, bool
 
 
 def load_module(path: str):
-    spec = importlib.util.spec_from_file_location("old_radix_select", path)
+    spec = importlib.util.spec_from_file_location("other_radix_select", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -51,14 +51,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128, 256])
-    ap.add_argument("--old", help="an older kernels/radix_select.py, timed at its own launch shape")
+    ap.add_argument("--other", help="another version of kernels/radix_select.py, timed at its own launch shape")
     args = ap.parse_args()
-    old = load_module(args.old) if args.old else None
+    other = load_module(args.other) if args.other else None
     ok = True
     heads = " | ".join([f"registers, {w} warps" for w in WARPS] + ["chunks of 2048, 8 warps"])
-    old_head = " old kernel |" if old else ""
-    print(f"| ctx | batch | torch top-k + sort | {heads} |{old_head} engine path | speed-up |")
-    print("|---:|---:|---:|" + "---:|" * (len(WARPS) + 1 + bool(old)) + "---:|---:|")
+    other_head = f" {args.other} |" if other else ""
+    print(f"| ctx | batch | torch top-k + sort | {heads} |{other_head} engine path | speed-up |")
+    print("|---:|---:|---:|" + "---:|" * (len(WARPS) + 1 + bool(other)) + "---:|---:|")
     for ctx in args.contexts:
         for batch in args.batches:
             scores = torch.rand(LAYERS, batch, ctx, device="cuda")
@@ -71,9 +71,9 @@ def main() -> int:
                 same = torch.equal(run(), ref)
                 ok &= same
                 times.append(us(run) if same else float("nan"))
-            if old:
+            if other:
                 k = torch.tensor(budgets, dtype=torch.int32, device="cuda")
-                run = partial(old.select_critical_tokens_triton, scores, k, max(budgets))
+                run = partial(other.select_critical_tokens_triton, scores, k, max(budgets))
                 same = torch.equal(run(), ref)
                 ok &= same
                 times.append(us(run) if same else float("nan"))

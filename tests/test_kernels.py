@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,11 +179,26 @@ def test_batched_selection_equals_per_sequence_reference():
     _assert_selection(select_critical_tokens_batched(scores, budgets), scores, lengths, budgets)
 
 
-def test_triton_selection_equals_reference():
+def _selection_kernel(version: str):
+    """The engine's one-launch selection, or the candidate beside the select probe (perf-notes 59), whose function of
+    the same name and arguments must pick the same positions."""
+    pytest.importorskip("triton")  # requirements-test.txt pins it; the `test` extra alone does not
+    if version == "engine":
+        from specattn.kernels.radix_select import select_critical_tokens_triton
+
+        return select_critical_tokens_triton
+    path = Path(__file__).parent.parent / "scripts" / "radix_select_digits.py"
+    spec = importlib.util.spec_from_file_location("radix_select_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.select_critical_tokens_triton
+
+
+@pytest.mark.parametrize("version", ["engine", "candidate"])
+def test_triton_selection_equals_reference(version):
     """The one-launch selection (interpreted on CPU) over rows held whole and rows several blocks long, budgets from
     1 to the whole row, a width that is not a multiple of the block."""
-    pytest.importorskip("triton")  # requirements-test.txt pins it; the `test` extra alone does not
-    from specattn.kernels.radix_select import select_critical_tokens_triton
+    select_critical_tokens_triton = _selection_kernel(version)
 
     lengths, budgets = [70, 17, 33, 1, 70], [10, 17, 4, 1, 69]
     scores = _selection_problem(5, 3, lengths)
@@ -192,11 +209,11 @@ def test_triton_selection_equals_reference():
         _assert_selection(picked, scores, lengths, budgets)
 
 
-def test_triton_selection_takes_ties_lowest_position_first():
+@pytest.mark.parametrize("version", ["engine", "candidate"])
+def test_triton_selection_takes_ties_lowest_position_first(version):
     """Equal scores at the cut are taken in position order, across chunks too, and every float orders as its value:
     -0.0 ties 0.0, infinities (at the cut as well) and subnormals in place."""
-    pytest.importorskip("triton")
-    from specattn.kernels.radix_select import select_critical_tokens_triton
+    select_critical_tokens_triton = _selection_kernel(version)
 
     def select(scores: list[float], k: int, width: int, shape: tuple[int, bool, int]) -> list[int]:
         budget = torch.tensor([k], dtype=torch.int32)
