@@ -18,6 +18,7 @@ from .attention import AttentionBackend, ScoreBatch, SparseKV, TorchAttentionBac
 from .config import CPU_NUM_PAGES, MAX_SELECTION_AGE, EngineConfig
 from .kv_cache import KVCache, gpu_kv_pages, kv_bytes_per_slot
 from .loader import ModelFiles, load_model_files
+from .logprobs import LogprobRows, TokenLogprob, queue_logprob_rows
 from .model import DecoderModel
 from .drafters import DraftState, make_drafter
 from .request import FinishReason, Request, RequestOutput, RequestStatus, SpecStats
@@ -61,6 +62,7 @@ class _LaunchedStep:
     # device, which that step took as its input (accepting this step commits exactly these)
     chosen: torch.Tensor | None = None
     drafts: torch.Tensor | None = None  # [drafting requests, γ] the drafts it verifies, on the device (rows: `drafted`)
+    logprobs: LogprobRows | None = None  # the logits rows of its chunks whose requests asked for logprobs
 
     def renew_drafts(self) -> None:
         """Give its requests still running the selections it renewed (queued on the device behind its forward)."""
@@ -285,7 +287,7 @@ class LLMEngine:
         self._in_flight = ahead or self._launch(drafts_ahead=drafts_ahead)
         if self._in_flight is None:
             self._untimed = None  # nothing follows it: the next step's start would count the engine's idle time
-        return [self._emit(tracker, new_ids) for tracker, new_ids in committed]
+        return [self._emit(tracker, new_ids, logprobs) for tracker, new_ids, logprobs in committed]
 
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
         """Queue the step after `launched` before its tokens are read, if it is a plain decode step whose next step
@@ -456,17 +458,19 @@ class LLMEngine:
                 )
             )
         result = self.runner.run(seqs, _placeholder_tokens(on_device, drafts, draft_rows), drafts)
+        logprobs = queue_logprob_rows(result.logits, [i for i, c in enumerate(chunks)
+                                                      if c.completes_sequence and c.request.params.logprobs is not None])
         # the new selections queue on the device behind the score extraction while the host accepts tokens
         new_drafts = self._new_draft_states(refreshed, result.scores)
         # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
         timed = bool(decodes) and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before
         return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started,
-                             drafts=drafts)
+                             drafts=drafts, logprobs=logprobs)
 
-    def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int]]]:
+    def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int], list[TokenLogprob] | None]]:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
         output ids, finishes (finished requests leave the scheduler), new selections. Returns, per request that
-        got tokens, its tracker and the new ids."""
+        got tokens, its tracker, the new ids and (where it asked) their logprobs."""
         argmax_rows, draft_rows = launched.result.read_tokens()
         # The step before this one is timed now: the device has passed this one's start. A step costs the time from
         # the device starting on it to it starting on the next, so costs tile the timeline whichever steps follow
@@ -474,7 +478,7 @@ class LLMEngine:
         if self._untimed is not None:
             self._time_step(self._untimed, launched.started)
             self._untimed = None
-        live, dropped = [], False
+        live, live_index, dropped = [], [], False
         # the tokens a step launched ahead took as its inputs: those are what this step commits (a sampled choice made
         # again here, in another batch, could order tied probabilities differently)
         chosen = None if launched.chosen is None else launched.chosen.tolist()
@@ -490,9 +494,10 @@ class LLMEngine:
             req.num_computed = chunk.start + chunk.num_tokens
             if chunk.completes_sequence:
                 live.append((chunk, seq, logits, argmax if chosen is None else [chosen[i]]))
+                live_index.append(i)
         committed = []
         targets = [argmax for *_, argmax in live] if chosen is not None else _targets(live)
-        for (chunk, _, _, _), target in zip(live, targets):
+        for i, (chunk, _, _, _), target in zip(live_index, live, targets):
             req = chunk.request
             draft = draft_rows[launched.drafted[req.request_id]] if req.request_id in launched.drafted else None
             tokens = accept_drafts(draft, target) if draft is not None else [target[-1]]
@@ -506,7 +511,9 @@ class LLMEngine:
             taken = tracker.commit_ids(tokens)
             if req.finish_reason is not None:
                 self._retire(req)
-            committed.append((tracker, tokens[:taken]))
+            num_top = req.params.logprobs
+            logprobs = None if num_top is None else launched.logprobs.token_logprobs(i, tokens[:taken], num_top)
+            committed.append((tracker, tokens[:taken], logprobs))
         launched.renew_drafts()
         # a step some of whose requests were aborted is not timed: it may have waited, launched, while the engine idled
         if launched.timed_decodes and not dropped:
@@ -516,10 +523,10 @@ class LLMEngine:
     def _time_step(self, step: _LaunchedStep, next_started: StepMark) -> None:
         self.gamma_controller.record_step_time(step.timed_decodes, step.gamma, self.clock.seconds(step.started, next_started))
 
-    def _emit(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
+    def _emit(self, tracker: OutputTracker, new_ids: list[int], logprobs: list[TokenLogprob] | None) -> RequestOutput:
         """A request's output for one step: its new text made now (the ids were committed when accepted)."""
         tracker.commit_text()
-        return self._output(tracker, new_ids)
+        return self._output(tracker, new_ids, logprobs)
 
     def _new_draft_states(
         self, refreshed: list[tuple[int, Request, int]], scores: ScoreBatch | None
@@ -581,7 +588,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
-    def _output(self, tracker: OutputTracker, new_ids: list[int]) -> RequestOutput:
+    def _output(self, tracker: OutputTracker, new_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         """The request's output with these new ids; a finished request's is its last (its tracker is dropped)."""
         req = tracker.request
         if req.finished:
@@ -595,6 +602,7 @@ class LLMEngine:
             num_prompt_tokens=len(req.prompt_ids),
             num_output_tokens=len(req.output_ids),
             spec=req.spec if req.finished else None,
+            logprobs=logprobs,
         )
 
     def _retire(self, req: Request) -> None:

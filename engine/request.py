@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .drafters import DraftState
 from .kv_cache import PageTable
+from .logprobs import TokenLogprob
 from .sampling import SamplingParams
 
 
@@ -105,3 +106,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     spec: SpecStats | None = None  # the request's speculation stats, on its final output
+    logprobs: list[TokenLogprob] | None = None  # one per new token, where the request asked for logprobs

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .logprobs import MAX_LOGPROBS
 from .transfer import to_device
 
 
@@ -22,6 +23,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # report each output token's logprob and this many alternatives (None: no logprobs)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -36,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

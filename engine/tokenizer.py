@@ -34,6 +34,17 @@ _LLAMA3_SPLIT = (
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The character byte-level BPE writes for each byte (GPT-2's table: printable bytes stand for themselves, the
+    rest take the characters from U+0100 on), inverted: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 @dataclass(frozen=True)
 class _PreTokenization:
     """How the original HF tokenizer splits text before BPE, for one ``tokenizer.ggml.pre`` value."""
@@ -259,6 +270,14 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """Text of a single token with special tokens kept (bytes of a partial character show as U+FFFD)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes, a partial character's included (what OpenAI's logprobs report as `bytes`): read off
+        its byte-level piece, or its text where the tokenizer is not byte-level."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is not None and isinstance(self._tok.decoder, decoders.ByteLevel) and all(c in _BYTE_OF_CHAR for c in piece):
+            return [_BYTE_OF_CHAR[c] for c in piece]
+        return list(self.token_text(token_id).encode())
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from specattn.engine.async_engine import AsyncEngine
 
 from .completions import chat_response, completion_response
-from .errors import error_response, install_error_handlers
+from .errors import APIError, error_response, install_error_handlers
 from .metrics import DEFAULT_WINDOW_S, MetricsMiddleware
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from .params import build_jobs, chat_prompt, completion_prompts
@@ -80,7 +80,7 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Response | CompletionResponse:
         engine = state.require_engine().engine
         state.check_model(body.model)
-        jobs = build_jobs(body, completion_prompts(body, engine), body.max_tokens, "max_tokens", engine)
+        jobs = build_jobs(body, completion_prompts(body, engine), body.max_tokens, "max_tokens", engine, body.logprobs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await completion_response(request, state, jobs, new_id("cmpl"), body.stream, include_usage)
 
@@ -93,7 +93,10 @@ def build_app(
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         else:
             max_tokens, param = body.max_tokens, "max_tokens"
-        jobs = build_jobs(body, [chat_prompt(body, engine)], max_tokens, param, engine)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = build_jobs(body, [chat_prompt(body, engine)], max_tokens, param, engine, logprobs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await chat_response(request, state, jobs, new_id("chatcmpl"), body.stream, include_usage)
 

@@ -13,9 +13,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from specattn.engine.async_engine import EngineDeadError
+from specattn.engine.logprobs import TokenLogprob
 from specattn.engine.request import RequestOutput, SpecStats
 
 from .errors import APIError
+from .logprobs import chat_logprobs, completion_logprobs
 from .params import Job
 from .protocol import (
     AssistantMessage,
@@ -61,9 +63,12 @@ class Tally:
     finish: dict[int, str] = field(default_factory=dict)
     completion_tokens: dict[int, int] = field(default_factory=dict)
     spec: list[SpecStats] = field(default_factory=list)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # choices that asked for them
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.texts[index] = self.texts.get(index, "") + out.new_text
+        if out.logprobs is not None:
+            self.logprobs.setdefault(index, []).extend(out.logprobs)
         self.completion_tokens[index] = out.num_output_tokens
         if out.finished:
             self.finish[index] = out.finish_reason.value if out.finish_reason else "stop"
@@ -134,16 +139,23 @@ async def _respond(request: Request, state: ServerState, jobs: list[Job], respon
     return _client_gone() if tally is None else build(tally)
 
 
+def _wants_logprobs(job: Job) -> bool:
+    return job.params.logprobs is not None
+
+
 async def completion_response(request: Request, state: ServerState, jobs: list[Job], response_id: str,
                               stream: bool, include_usage: bool) -> Response | CompletionResponse:
+    tokenizer = state.require_engine().engine.tokenizer
     return await _respond(
         request, state, jobs, response_id, stream,
         lambda reservation: _completion_events(state, jobs, response_id, reservation, include_usage),
         lambda tally: CompletionResponse(
             id=response_id,
             model=state.model_name,
-            choices=[CompletionChoice(index=j.index, text=tally.texts.get(j.index, ""),
-                                      finish_reason=tally.finish[j.index]) for j in jobs],
+            choices=[CompletionChoice(
+                index=j.index, text=tally.texts.get(j.index, ""), finish_reason=tally.finish[j.index],
+                logprobs=completion_logprobs(tally.logprobs.get(j.index, []), tokenizer)[0] if _wants_logprobs(j) else None,
+            ) for j in jobs],
             usage=tally.usage(),
             spec_decode=sum_spec(tally.spec),
         ),
@@ -154,13 +166,19 @@ async def _completion_events(state: ServerState, jobs: list[Job], response_id: s
                              include_usage: bool) -> AsyncIterator[str]:
     tally = Tally(jobs)
     model = state.model_name
+    tokenizer = state.require_engine().engine.tokenizer
+    text_offset: dict[int, int] = {}  # per choice that asked for logprobs: where its next token's text starts
     try:
         async for index, out in run_jobs(state, jobs, response_id, reservation):
             tally.add(index, out)
-            if out.new_text or out.finished:
+            logprobs = None
+            if out.logprobs:
+                logprobs, text_offset[index] = completion_logprobs(out.logprobs, tokenizer, text_offset.get(index, 0))
+            if out.new_text or out.finished or logprobs:
                 yield _sse(CompletionChunk(
                     id=response_id, model=model,
-                    choices=[CompletionChoice(index=index, text=out.new_text, finish_reason=tally.finish.get(index))],
+                    choices=[CompletionChoice(index=index, text=out.new_text, finish_reason=tally.finish.get(index),
+                                              logprobs=logprobs)],
                     spec_decode=out.spec.as_dict() if out.spec is not None else None,
                 ))
         if include_usage:
@@ -173,14 +191,18 @@ async def _completion_events(state: ServerState, jobs: list[Job], response_id: s
 
 async def chat_response(request: Request, state: ServerState, jobs: list[Job], response_id: str,
                         stream: bool, include_usage: bool) -> Response | ChatCompletionResponse:
+    tokenizer = state.require_engine().engine.tokenizer
     return await _respond(
         request, state, jobs, response_id, stream,
         lambda reservation: _chat_events(state, jobs, response_id, reservation, include_usage),
         lambda tally: ChatCompletionResponse(
             id=response_id,
             model=state.model_name,
-            choices=[ChatChoice(index=j.index, message=AssistantMessage(content=tally.texts.get(j.index, "")),
-                                finish_reason=tally.finish[j.index]) for j in jobs],
+            choices=[ChatChoice(
+                index=j.index, message=AssistantMessage(content=tally.texts.get(j.index, "")),
+                finish_reason=tally.finish[j.index],
+                logprobs=chat_logprobs(tally.logprobs.get(j.index, []), tokenizer) if _wants_logprobs(j) else None,
+            ) for j in jobs],
             usage=tally.usage(),
             spec_decode=sum_spec(tally.spec),
         ),
@@ -191,10 +213,13 @@ async def _chat_events(state: ServerState, jobs: list[Job], response_id: str, re
                        include_usage: bool) -> AsyncIterator[str]:
     tally = Tally(jobs)
     model = state.model_name
+    tokenizer = state.require_engine().engine.tokenizer
 
-    def chunk(index: int, delta: DeltaMessage, finish: str | None = None, spec: dict | None = None) -> str:
-        return _sse(ChatCompletionChunk(id=response_id, model=model, spec_decode=spec,
-                                        choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]))
+    def chunk(index: int, delta: DeltaMessage, finish: str | None = None, spec: dict | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                 logprobs=chat_logprobs(logprobs, tokenizer) if logprobs else None)
+        return _sse(ChatCompletionChunk(id=response_id, model=model, spec_decode=spec, choices=[choice]))
 
     # OpenAI opens every choice with the assistant role and empty content
     for job in jobs:
@@ -202,8 +227,8 @@ async def _chat_events(state: ServerState, jobs: list[Job], response_id: str, re
     try:
         async for index, out in run_jobs(state, jobs, response_id, reservation):
             tally.add(index, out)
-            if out.new_text:
-                yield chunk(index, DeltaMessage(content=out.new_text))
+            if out.new_text or out.logprobs:
+                yield chunk(index, DeltaMessage(content=out.new_text), logprobs=out.logprobs)
             if out.finished:
                 yield chunk(index, DeltaMessage(), tally.finish[index], out.spec.as_dict() if out.spec else None)
         if include_usage:

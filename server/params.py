@@ -70,9 +70,11 @@ def _default_max_tokens(prompt_ids: list[int], engine: LLMEngine) -> int:
 
 
 def build_jobs(
-    req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, max_tokens_param: str, engine: LLMEngine
+    req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, max_tokens_param: str, engine: LLMEngine,
+    logprobs: int | None = None,
 ) -> list[Job]:
-    """One Job per (prompt, choice), checked against the engine now so bad input is a 400 before any streaming."""
+    """One Job per (prompt, choice), checked against the engine now so bad input is a 400 before any streaming.
+    logprobs: alternatives to report per output token (None: no logprobs)."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     jobs = []
     for p_idx, ids in enumerate(prompts):
@@ -91,6 +93,7 @@ def build_jobs(
                     stop_token_ids=tuple(req.stop_token_ids or ()),
                     ignore_eos=req.ignore_eos,
                     min_tokens=req.min_tokens,
+                    logprobs=logprobs,
                 )
                 engine.check_request(ids, params)
             except ValueError as e:

@@ -6,7 +6,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StrictInt, StrictStr
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+
+from specattn.engine.logprobs import MAX_LOGPROBS
 
 # Bounds that keep one request from asking for unbounded work; generous next to what clients send.
 MAX_CHOICES = 16  # n
@@ -46,8 +48,14 @@ class SamplingFields(BaseModel):
     user: str | None = None  # accepted for compatibility; not used
 
 
+NumLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+
+
 class CompletionRequest(SamplingFields):
     prompt: Prompt
+    logprobs: NumLogprobs | None = Field(
+        default=None, description="each output token's logprob and this many likeliest alternatives"
+    )
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="default: what is left of the context after the prompt"
     )
@@ -72,6 +80,8 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="deprecated alias of max_completion_tokens"
     )
+    logprobs: StrictBool = False
+    top_logprobs: NumLogprobs | None = Field(default=None, description="alternatives per token; needs logprobs")
 
 
 # ---- responses ----
@@ -101,11 +111,21 @@ class _Response(BaseModel):
     spec_decode: dict[str, Any] | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The completions API's logprobs: lists in step, one entry per output token (text_offset: where its text starts
+    in the choice's text)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReasonName | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(_Response):
@@ -125,11 +145,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's own UTF-8 bytes: a character split over tokens shows whole only joined
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReasonName | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -147,7 +181,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: FinishReasonName | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(_Response):

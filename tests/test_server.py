@@ -156,6 +156,47 @@ def test_stop_string_spanning_tokens_streamed(client):
     assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_completion_logprobs_whole_and_streamed(client):
+    """logprobs=2: one entry per output token, the greedy token the likeliest of its alternatives, token texts that
+    make up the text at their offsets; a stream's chunks add up to the same lists (offsets running on)."""
+    kw = dict(model=MODEL, prompt="The three primary colors are", max_tokens=8, temperature=0, logprobs=2)
+    whole = client.completions.create(**kw).choices[0]
+    lp = whole.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == whole.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 2 and value <= 0
+        assert max(top.values()) == pytest.approx(value) and top[token] == pytest.approx(value)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices[0].logprobs]
+    assert sum((c.tokens for c in streamed), []) == lp.tokens
+    assert sum((c.text_offset for c in streamed), []) == lp.text_offset
+    assert sum((c.token_logprobs for c in streamed), []) == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert client.completions.create(**{**kw, "logprobs": None}).choices[0].logprobs is None
+
+
+def test_chat_logprobs_whole_and_streamed(client):
+    """logprobs with top_logprobs=3: a token object per output token whose texts and bytes make up the answer, each
+    with its three likeliest alternatives (the greedy token first); streamed, the same objects across the chunks."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": CAPITAL_QUESTION}], temperature=0, logprobs=True,
+              top_logprobs=3)
+    whole = client.chat.completions.create(**kw)
+    content = whole.choices[0].logprobs.content
+    assert whole.choices[0].message.content == "The capital of France is Paris."
+    assert len(content) == whole.usage.completion_tokens
+    assert "".join(t.token for t in content[:-1]) == whole.choices[0].message.content  # the last: <|im_end|>
+    assert bytes(sum((t.bytes for t in content[:-1]), [])).decode() == whole.choices[0].message.content
+    for t in content:
+        assert [a.token for a in t.top_logprobs][0] == t.token and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob) and t.logprob <= 0
+    streamed = [t for c in client.chat.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.bytes) for t in streamed] == [(t.token, t.bytes) for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    plain = client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
 def test_prompt_forms_give_one_choice_each(client, reference):
     prompts = ["The sky is", "My favourite food is"]
     ids = [reference.tokenizer.encode(p) for p in prompts]
@@ -210,6 +251,12 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "x", "stop": [""]}, None),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "min_tokens": 5}, None),
     ("completions", {"model": MODEL, "prompt": "x", "seed": 2**64}, "seed"),
+    ("completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, "logprobs"),
+    ("completions", {"model": MODEL, "prompt": "x", "logprobs": -1}, "logprobs"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     "top_logprobs"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"},
+     "logprobs"),
     ("chat/completions", {"model": MODEL, "messages": []}, "messages"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user"}], "max_completion_tokens": 0},
      "max_completion_tokens"),

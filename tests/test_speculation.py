@@ -3,6 +3,7 @@ and sampled output has the target distribution."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sysconfig
@@ -394,3 +395,38 @@ def test_top_p_keeps_or_drops_tied_tokens_together():
     logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
     probs = probabilities(logits, SamplingParams(top_p=0.5))[0]
     assert (probs[1:4] > 0).all() and probs[4] == 0 and torch.allclose(probs[1], probs[3])
+
+
+def _logprob_run(engine, prompts_ids, params):
+    """Every request at once; per request its output ids and TokenLogprobs as the engine reported them, step by step."""
+    for i, ids in enumerate(prompts_ids):
+        engine.add_request(f"lp{i}", ids, params)
+    ids, logprobs = {i: [] for i in range(len(prompts_ids))}, {i: [] for i in range(len(prompts_ids))}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            i = int(out.request_id[2:])
+            assert out.logprobs is not None and len(out.logprobs) == len(out.new_token_ids)
+            ids[i] += out.new_token_ids
+            logprobs[i] += out.logprobs
+    return [ids[i] for i in ids], [logprobs[i] for i in logprobs]
+
+
+def test_logprobs_under_speculation_equal_plain_decoding(make_engine, prompt_ids):
+    """Each output token's logprob and its three likeliest alternatives: from the verification's rows under SpecAttn,
+    the same as plain decoding computes them one position at a time (float rounding apart), for greedy and seeded
+    sampled requests; the alternatives likeliest first, the greedy choice the likeliest."""
+    for params in (dataclasses.replace(GREEDY, logprobs=3),
+                   SamplingParams(max_tokens=24, temperature=0.8, top_k=20, seed=5, ignore_eos=True, logprobs=3)):
+        plain_ids, plain_lps = _logprob_run(make_engine(spec=PLAIN), prompt_ids[:4], params)
+        spec = make_engine(spec=SpecConfig(drafter="specattn", **SPARSE))
+        spec_ids, spec_lps = _logprob_run(spec, prompt_ids[:4], params)
+        _check_acceptance_is_partial(spec)
+        assert spec_ids == plain_ids
+        for ids, plain, speculated in zip(plain_ids, plain_lps, spec_lps):
+            assert [lp.token_id for lp in speculated] == ids
+            for a, b in zip(plain, speculated):
+                assert b.logprob == pytest.approx(a.logprob, abs=1e-3) and b.logprob <= 0
+                assert [t for t, _ in b.top] == [t for t, _ in a.top] and len(b.top) == 3
+                assert [v for _, v in b.top] == sorted((v for _, v in b.top), reverse=True)
+                if params.greedy:  # the chosen token is the likeliest
+                    assert b.top[0] == (b.token_id, pytest.approx(b.logprob))
