@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -28,6 +30,9 @@ from .scheduler import ScheduledChunk, Scheduler
 from .step_clock import StepClock, StepMark
 from .stopping import OutputTracker
 from .transfer import to_device
+
+# makes the logprobs of a request's new tokens (host work, left until the next step is queued)
+_Logprobs = Callable[[], list[TokenLogprob]]
 
 # An output token a step launched ahead takes from the device: it stands in the request's output ids from that launch
 # until the step before is accepted (token ids are never negative)
@@ -458,7 +463,7 @@ class LLMEngine:
                 )
             )
         result = self.runner.run(seqs, _placeholder_tokens(on_device, drafts, draft_rows), drafts)
-        logprobs = queue_logprob_rows(result.logits, [i for i, c in enumerate(chunks)
+        logprobs = queue_logprob_rows(result.logits, [(i, c.request.params) for i, c in enumerate(chunks)
                                                       if c.completes_sequence and c.request.params.logprobs is not None])
         # the new selections queue on the device behind the score extraction while the host accepts tokens
         new_drafts = self._new_draft_states(refreshed, result.scores)
@@ -467,10 +472,11 @@ class LLMEngine:
         return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started,
                              drafts=drafts, logprobs=logprobs)
 
-    def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int], list[TokenLogprob] | None]]:
+    def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int], _Logprobs | None]]:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
         output ids, finishes (finished requests leave the scheduler), new selections. Returns, per request that
-        got tokens, its tracker, the new ids and (where it asked) their logprobs."""
+        got tokens, its tracker, the new ids and (where it asked) what makes their logprobs once the next step is
+        queued."""
         argmax_rows, draft_rows = launched.result.read_tokens()
         # The step before this one is timed now: the device has passed this one's start. A step costs the time from
         # the device starting on it to it starting on the next, so costs tile the timeline whichever steps follow
@@ -512,7 +518,7 @@ class LLMEngine:
             if req.finish_reason is not None:
                 self._retire(req)
             num_top = req.params.logprobs
-            logprobs = None if num_top is None else launched.logprobs.token_logprobs(i, tokens[:taken], num_top)
+            logprobs = None if num_top is None else partial(launched.logprobs.token_logprobs, i, tokens[:taken], num_top)
             committed.append((tracker, tokens[:taken], logprobs))
         launched.renew_drafts()
         # a step some of whose requests were aborted is not timed: it may have waited, launched, while the engine idled
@@ -523,10 +529,11 @@ class LLMEngine:
     def _time_step(self, step: _LaunchedStep, next_started: StepMark) -> None:
         self.gamma_controller.record_step_time(step.timed_decodes, step.gamma, self.clock.seconds(step.started, next_started))
 
-    def _emit(self, tracker: OutputTracker, new_ids: list[int], logprobs: list[TokenLogprob] | None) -> RequestOutput:
-        """A request's output for one step: its new text made now (the ids were committed when accepted)."""
+    def _emit(self, tracker: OutputTracker, new_ids: list[int], logprobs: _Logprobs | None) -> RequestOutput:
+        """A request's output for one step: its new text and logprobs made now (the ids were committed when
+        accepted), while the device runs the next step."""
         tracker.commit_text()
-        return self._output(tracker, new_ids, logprobs)
+        return self._output(tracker, new_ids, logprobs() if logprobs is not None else None)
 
     def _new_draft_states(
         self, refreshed: list[tuple[int, Request, int]], scores: ScoreBatch | None

@@ -8,8 +8,12 @@ exactly the rows plain decoding would compute, so logprobs do not depend on the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .sampling import SamplingParams
 
 MAX_LOGPROBS = 20  # most alternatives one position may report (vLLM's default cap; OpenAI's chat API allows 20)
 
@@ -18,35 +22,55 @@ MAX_LOGPROBS = 20  # most alternatives one position may report (vLLM's default c
 class TokenLogprob:
     token_id: int
     logprob: float
-    top: list[tuple[int, float]]  # the most likely tokens at this position and their logprobs, most likely first
+    top: tuple[tuple[int, float], ...]  # the likeliest tokens at this position and their logprobs, likeliest first
 
 
 @dataclass
 class LogprobRows:
-    """Log-softmax rows of a step's sequences that asked for logprobs, on their way to the host (queued right behind
-    the forward, before the step after it, so reading them does not wait for that step)."""
+    """What a step's sequences that asked for logprobs need of their logits rows, on its way to the host (queued right
+    behind the forward, before the step after it, so reading it never waits for that step): for a greedy sequence
+    each row's likeliest tokens (its committed token is the row's argmax, the first of them), for a sampled one the
+    whole rows (its token may be any)."""
 
-    rows: dict[int, torch.Tensor]  # sequence index in the step -> its [logits rows, vocab] float32, on the host
+    top: dict[int, tuple[torch.Tensor, torch.Tensor]]  # sequence index in the step -> ([rows, n] logprobs, ids)
+    whole: dict[int, torch.Tensor]  # sequence index in the step -> [rows, vocab] logprobs
     ready: torch.cuda.Event | None  # recorded after the copies (None on the CPU: already done)
 
     def token_logprobs(self, seq: int, tokens: list[int], num_top: int) -> list[TokenLogprob]:
         """Sequence `seq`'s committed tokens, token i chosen at its logits row i, each with its num_top alternatives."""
         if self.ready is not None:
             self.ready.synchronize()
-        rows = self.rows[seq][: len(tokens)]
-        chosen = rows.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
-        values, ids = rows.topk(num_top, dim=-1) if num_top else (rows[:, :0], rows[:, :0].long())
-        return [TokenLogprob(tok, lp, list(zip(i, v))) for tok, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
+        if seq in self.whole:
+            rows = self.whole[seq][: len(tokens)]
+            chosen = rows.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+            values, ids = rows.topk(num_top, dim=-1)
+        else:
+            values, ids = (t[: len(tokens)] for t in self.top[seq])
+            chosen = values[:, 0]
+            values, ids = values[:, :num_top], ids[:, :num_top]
+        return [TokenLogprob(tok, lp, tuple(zip(i, v)))
+                for tok, lp, i, v in zip(tokens, chosen.tolist(), ids.tolist(), values.tolist())]
 
 
-def queue_logprob_rows(logits: list[torch.Tensor], wanted: list[int]) -> LogprobRows | None:
-    """Start copying the log-softmax of the `wanted` sequences' logits rows to the host, without waiting for them."""
+def queue_logprob_rows(logits: list[torch.Tensor], wanted: list[tuple[int, SamplingParams]]) -> LogprobRows | None:
+    """Start copying to the host what the `wanted` (sequence index, params) need of their logits rows, without waiting
+    for the device: one log-softmax, top-k and copy for the greedy ones, one log-softmax and copy for the sampled."""
     if not wanted:
         return None
-    sizes = [logits[i].shape[0] for i in wanted]
-    rows = torch.log_softmax(torch.cat([logits[i] for i in wanted]).float(), dim=-1).to("cpu", non_blocking=True)
+    top, whole = {}, {}
+    greedy = [(i, p) for i, p in wanted if p.greedy]
+    if greedy:
+        rows = torch.log_softmax(torch.cat([logits[i] for i, _ in greedy]).float(), dim=-1)
+        values, ids = rows.topk(max(max(p.logprobs for _, p in greedy), 1), dim=-1)
+        sizes = [logits[i].shape[0] for i, _ in greedy]
+        top = dict(zip((i for i, _ in greedy), zip(values.to("cpu", non_blocking=True).split(sizes),
+                                                   ids.to("cpu", non_blocking=True).split(sizes))))
+    sampled = [i for i, p in wanted if not p.greedy]
+    if sampled:
+        rows = torch.log_softmax(torch.cat([logits[i] for i in sampled]).float(), dim=-1)
+        whole = dict(zip(sampled, rows.to("cpu", non_blocking=True).split([logits[i].shape[0] for i in sampled])))
     ready = None
-    if logits[wanted[0]].is_cuda:
+    if logits[wanted[0][0]].is_cuda:
         ready = torch.cuda.Event()
         ready.record()
-    return LogprobRows(dict(zip(wanted, rows.split(sizes))), ready)
+    return LogprobRows(top, whole, ready)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,8 @@ class Tokenizer:
         piece = self._tok.id_to_token(token_id)
         if piece is not None and isinstance(self._tok.decoder, decoders.ByteLevel) and all(c in _BYTE_OF_CHAR for c in piece):
             return [_BYTE_OF_CHAR[c] for c in piece]
+        if piece is not None and _BYTE_FALLBACK.fullmatch(piece):  # SentencePiece's byte fallback: <0xE6>
+            return [int(piece[3:5], 16)]
         return list(self.token_text(token_id).encode())
 
     def apply_chat_template(

@@ -93,8 +93,9 @@ def build_app(
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         else:
             max_tokens, param = body.max_tokens, "max_tokens"
-        if body.top_logprobs and not body.logprobs:
+        if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        # what the engine takes: how many alternatives per token, None for no logprobs
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs = build_jobs(body, [chat_prompt(body, engine)], max_tokens, param, engine, logprobs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -139,10 +139,6 @@ async def _respond(request: Request, state: ServerState, jobs: list[Job], respon
     return _client_gone() if tally is None else build(tally)
 
 
-def _wants_logprobs(job: Job) -> bool:
-    return job.params.logprobs is not None
-
-
 async def completion_response(request: Request, state: ServerState, jobs: list[Job], response_id: str,
                               stream: bool, include_usage: bool) -> Response | CompletionResponse:
     tokenizer = state.require_engine().engine.tokenizer
@@ -154,7 +150,7 @@ async def completion_response(request: Request, state: ServerState, jobs: list[J
             model=state.model_name,
             choices=[CompletionChoice(
                 index=j.index, text=tally.texts.get(j.index, ""), finish_reason=tally.finish[j.index],
-                logprobs=completion_logprobs(tally.logprobs.get(j.index, []), tokenizer)[0] if _wants_logprobs(j) else None,
+                logprobs=completion_logprobs(tally.logprobs.get(j.index, []), tokenizer)[0] if j.params.logprobs is not None else None,
             ) for j in jobs],
             usage=tally.usage(),
             spec_decode=sum_spec(tally.spec),
@@ -201,7 +197,7 @@ async def chat_response(request: Request, state: ServerState, jobs: list[Job], r
             choices=[ChatChoice(
                 index=j.index, message=AssistantMessage(content=tally.texts.get(j.index, "")),
                 finish_reason=tally.finish[j.index],
-                logprobs=chat_logprobs(tally.logprobs.get(j.index, []), tokenizer) if _wants_logprobs(j) else None,
+                logprobs=chat_logprobs(tally.logprobs.get(j.index, []), tokenizer) if j.params.logprobs is not None else None,
             ) for j in jobs],
             usage=tally.usage(),
             spec_decode=sum_spec(tally.spec),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from specattn.engine.engine import LLMEngine
 from specattn.engine.sampling import SamplingParams
@@ -69,12 +71,37 @@ def _default_max_tokens(prompt_ids: list[int], engine: LLMEngine) -> int:
     return left
 
 
+# Fields of OpenAI's and vLLM's APIs this server does not implement, each with what counts as leaving it alone.
+_UNSUPPORTED: dict[str, Callable[[Any, SamplingFields], bool]] = {
+    "presence_penalty": lambda value, _: value == 0,
+    "frequency_penalty": lambda value, _: value == 0,
+    "repetition_penalty": lambda value, _: value == 1,
+    "logit_bias": lambda value, _: not value,
+    "response_format": lambda value, _: value in (None, {"type": "text"}),
+    "echo": lambda value, _: not value,
+    "best_of": lambda value, req: value in (None, req.n),
+    "suffix": lambda value, _: not value,
+    "tools": lambda value, _: not value,
+}
+
+
+def unsupported_field(req: SamplingFields) -> str | None:
+    """The first field the request sets to something this server does not implement, if any."""
+    fields = type(req).model_fields
+    return next((name for name, left_alone in _UNSUPPORTED.items()
+                 if name in fields and not left_alone(getattr(req, name), req)), None)
+
+
 def build_jobs(
     req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, max_tokens_param: str, engine: LLMEngine,
     logprobs: int | None = None,
 ) -> list[Job]:
     """One Job per (prompt, choice), checked against the engine now so bad input is a 400 before any streaming.
     logprobs: alternatives to report per output token (None: no logprobs)."""
+    unsupported = unsupported_field(req)
+    if unsupported is not None:
+        raise APIError(400, f"{unsupported} is not supported by this server; leave it out or at its default",
+                       param=unsupported, code="unsupported_parameter")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     jobs = []
     for p_idx, ids in enumerate(prompts):

@@ -46,6 +46,13 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     user: str | None = None  # accepted for compatibility; not used
+    # OpenAI and vLLM fields this server does not implement: named so that setting one is a 400 that says so
+    # (server/params.py), where an unknown field is ignored and the client would get unpenalized or free-form output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 NumLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
@@ -56,6 +63,9 @@ class CompletionRequest(SamplingFields):
     logprobs: NumLogprobs | None = Field(
         default=None, description="each output token's logprob and this many likeliest alternatives"
     )
+    echo: bool = False  # not implemented (a 400 where true)
+    best_of: int | None = None  # not implemented beyond best_of = n
+    suffix: str | None = None  # not implemented
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="default: what is left of the context after the prompt"
     )
@@ -80,8 +90,9 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="deprecated alias of max_completion_tokens"
     )
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = False
     top_logprobs: NumLogprobs | None = Field(default=None, description="alternatives per token; needs logprobs")
+    tools: list[Any] | None = None  # not implemented (a 400 where any are given)
 
 
 # ---- responses ----

@@ -175,6 +175,19 @@ def test_completion_logprobs_whole_and_streamed(client):
     assert client.completions.create(**{**kw, "logprobs": None}).choices[0].logprobs is None
 
 
+def test_logprobs_zero_reports_the_chosen_token_alone(client):
+    """logprobs=0 on a sampled completion: each position's top_logprobs holds the sampled token (OpenAI lists up to
+    logprobs + 1, the chosen one among them) with its logprob; chat's top_logprobs=0 gives empty lists."""
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=3,
+                                  logprobs=0)
+    lp = r.choices[0].logprobs
+    assert [list(top) for top in lp.top_logprobs] == [[token] for token in lp.tokens]
+    assert [top[token] for top, token in zip(lp.top_logprobs, lp.tokens)] == pytest.approx(lp.token_logprobs)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=0)
+    assert [t.top_logprobs for t in chat.choices[0].logprobs.content] == [[]] * 4
+
+
 def test_chat_logprobs_whole_and_streamed(client):
     """logprobs with top_logprobs=3: a token object per output token whose texts and bytes make up the answer, each
     with its three likeliest alternatives (the greedy token first); streamed, the same objects across the chunks."""
@@ -255,8 +268,21 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "x", "logprobs": -1}, "logprobs"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
      "top_logprobs"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 0},
+     "top_logprobs"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"},
      "logprobs"),
+    ("completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty"),
+    ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"50": -100}}, "logit_bias"),
+    ("completions", {"model": MODEL, "prompt": "x", "echo": True}, "echo"),
+    ("completions", {"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1},
+     "presence_penalty"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                          "response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat/completions", {"model": MODEL, "messages": []}, "messages"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user"}], "max_completion_tokens": 0},
      "max_completion_tokens"),
@@ -276,6 +302,19 @@ def test_bad_input_is_400(open_server, route, body, param):
     if param is not None:
         assert err["param"] == param and param in err["message"]
     assert_good_request(open_server.url)
+
+
+def test_unimplemented_fields_at_their_defaults_are_accepted(client):
+    """What OpenAI clients send by default (penalties 0, text format, no tools, best_of = n) is not refused."""
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": CAPITAL_QUESTION}],
+                                       temperature=0, presence_penalty=0, frequency_penalty=0, tools=[],
+                                       response_format={"type": "text"}, logit_bias={})
+    assert r.choices[0].message.content == "The capital of France is Paris."
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, best_of=1, echo=False)
+    assert r.usage.completion_tokens == 2
+    r = httpx.post(f"{client.base_url}chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": None})
+    assert r.status_code == 200 and r.json()["choices"][0].get("logprobs") is None
 
 
 def test_malformed_json_is_400(open_server):

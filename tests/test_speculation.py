@@ -398,28 +398,36 @@ def test_top_p_keeps_or_drops_tied_tokens_together():
 
 
 def _logprob_run(engine, prompts_ids, params):
-    """Every request at once; per request its output ids and TokenLogprobs as the engine reported them, step by step."""
-    for i, ids in enumerate(prompts_ids):
-        engine.add_request(f"lp{i}", ids, params)
+    """Requests arriving every other step, the first without logprobs (its rows must not shift the others'); per
+    request its output ids and TokenLogprobs as the engine reported them, step by step."""
     ids, logprobs = {i: [] for i in range(len(prompts_ids))}, {i: [] for i in range(len(prompts_ids))}
-    while engine.has_unfinished_requests():
+    pending, step = list(enumerate(prompts_ids)), 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 2 == 0:
+            i, prompt = pending.pop(0)
+            engine.add_request(f"lp{i}", prompt, params if i else dataclasses.replace(params, logprobs=None))
         for out in engine.step():
             i = int(out.request_id[2:])
-            assert out.logprobs is not None and len(out.logprobs) == len(out.new_token_ids)
+            if i == 0:
+                assert out.logprobs is None
+                continue
+            assert len(out.logprobs) == len(out.new_token_ids)
             ids[i] += out.new_token_ids
             logprobs[i] += out.logprobs
-    return [ids[i] for i in ids], [logprobs[i] for i in logprobs]
+        step += 1
+    return [ids[i] for i in ids][1:], [logprobs[i] for i in logprobs][1:]
 
 
 def test_logprobs_under_speculation_equal_plain_decoding(make_engine, prompt_ids):
     """Each output token's logprob and its three likeliest alternatives: from the verification's rows under SpecAttn,
     the same as plain decoding computes them one position at a time (float rounding apart), for greedy and seeded
-    sampled requests; the alternatives likeliest first, the greedy choice the likeliest."""
+    sampled requests arriving mid-run beside one without logprobs, prompts prefilled in chunks beside decodes; the
+    alternatives likeliest first, the greedy choice the likeliest."""
     for params in (dataclasses.replace(GREEDY, logprobs=3),
                    SamplingParams(max_tokens=24, temperature=0.8, top_k=20, seed=5, ignore_eos=True, logprobs=3)):
-        plain_ids, plain_lps = _logprob_run(make_engine(spec=PLAIN), prompt_ids[:4], params)
-        spec = make_engine(spec=SpecConfig(drafter="specattn", **SPARSE))
-        spec_ids, spec_lps = _logprob_run(spec, prompt_ids[:4], params)
+        plain_ids, plain_lps = _logprob_run(make_engine(spec=PLAIN, max_num_batched_tokens=24), prompt_ids[:5], params)
+        spec = make_engine(spec=SpecConfig(drafter="specattn", **SPARSE), max_num_batched_tokens=24)
+        spec_ids, spec_lps = _logprob_run(spec, prompt_ids[:5], params)
         _check_acceptance_is_partial(spec)
         assert spec_ids == plain_ids
         for ids, plain, speculated in zip(plain_ids, plain_lps, spec_lps):

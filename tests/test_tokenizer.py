@@ -11,6 +11,7 @@ import pathlib
 import gguf
 import jinja2
 import pytest
+import tokenizers
 
 from specattn.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -95,6 +96,26 @@ def test_digits_split_individually(tok: Tokenizer) -> None:
     ids = tok.encode("12345")
     assert len(ids) == 5
     assert [tok.token_text(i) for i in ids] == list("12345")
+
+
+def test_token_bytes_rebuild_characters_split_over_tokens(tok: Tokenizer) -> None:
+    """Each token's own bytes (what logprobs report): a CJK character split over tokens is whole once they are
+    joined, where each token's text alone is U+FFFD; special tokens give their text's bytes."""
+    for text in ["日本", " é", "Hello world", "<|im_end|>"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert bytes(b for i in ids for b in tok.token_bytes(i)).decode() == text
+    assert "\ufffd" in tok.token_text(tok.encode("日本")[0])
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback() -> None:
+    """A byte-fallback piece (<0xE6>) is that one byte, not the U+FFFD its text decodes to."""
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"<0xE6>": 0, "<0x97>": 1, "<0xA5>": 2, "a": 3}, merges=[],
+                                                     byte_fallback=True))
+    bpe.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
+    t = Tokenizer(bpe, eos_token_ids=frozenset(), bos_token_id=None, add_bos=False, chat_template=None,
+                  bos_token=None, eos_token=None)
+    assert [t.token_bytes(i) for i in range(4)] == [[0xE6], [0x97], [0xA5], [ord("a")]]
+    assert bytes(b for i in range(3) for b in t.token_bytes(i)).decode() == "日"
 
 
 def test_special_tokens_are_single_ids(tok: Tokenizer) -> None:
