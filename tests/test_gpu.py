@@ -205,3 +205,26 @@ def test_gpu_default_pool_takes_the_memory_budget_and_serves(smollm_files):
     del engine
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def test_gpu_logprobs_of_speculation_equal_plain_decoding_in_float32(make_engine, smollm_files):
+    """On CUDA (the pinned copies and their event): greedy and seeded sampled logprobs under SpecAttn, from the
+    verification rows, equal plain decoding's on the same float32 torch path, with the same alternatives."""
+    ids = [smollm_files.tokenizer.encode(p) for p in PROMPTS[:4]]
+    kw = dict(device="cuda", dtype=torch.float32, attention="torch")
+    for params in (SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2),
+                   SamplingParams(max_tokens=16, temperature=0.8, seed=9, ignore_eos=True, logprobs=2)):
+        runs = []
+        for spec in (SpecConfig(drafter="none"), SpecConfig(drafter="specattn", budget_ratio=0.1, min_budget=6, **SPEC)):
+            engine = make_engine(spec=spec, **kw)
+            for i, prompt in enumerate(ids):
+                engine.add_request(f"g{i}", prompt, params)
+            got: dict[str, list] = {f"g{i}": [] for i in range(len(ids))}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    got[out.request_id] += out.logprobs
+            runs.append([got[f"g{i}"] for i in range(len(ids))])
+        for plain, speculated in zip(*runs):
+            assert [lp.token_id for lp in speculated] == [lp.token_id for lp in plain]
+            assert [lp.logprob for lp in speculated] == pytest.approx([lp.logprob for lp in plain], abs=1e-3)
+            assert [[t for t, _ in lp.top] for lp in speculated] == [[t for t, _ in lp.top] for lp in plain]
