@@ -381,7 +381,9 @@ class LLMEngine:
         its verification accepts and the token it chooses after them (a chunk without drafts: its one token)."""
         g, dev = launched.gamma, launched.result.argmax.device
         row_start = np.cumsum([0] + launched.result.sizes)
-        rows = [[row_start[i] + min(j, most) for j in range(g + 1)] for i, most in chunks]
+        # a chunk's rows end with the ones its drafts' verification used (a prefill scoring prompt tokens has more)
+        last = [row_start[i] + launched.result.sizes[i] - 1 - most for i, most in chunks]
+        rows = [[start + min(j, most) for j in range(g + 1)] for start, (_, most) in zip(last, chunks)]
         targets = launched.result.argmax[to_device(rows, dev)]
         drafts = torch.full((len(chunks), g), -1, dtype=targets.dtype, device=dev)  # -1: no token agrees
         drafting = [k for k, (_, most) in enumerate(chunks) if most]
@@ -434,7 +436,7 @@ class LLMEngine:
         else:
             drafts = self._draft(decodes, gamma, first) if gamma else None
 
-        seqs, refreshed = [], []
+        seqs, refreshed, prompt_rows = [], [], []
         for i, c in enumerate(chunks):
             req = c.request
             num_drafted = gamma if draft_rows[i] is not None else 0
@@ -448,6 +450,12 @@ class LLMEngine:
             refresh = drafting and c.completes_sequence and (
                 age >= MAX_SELECTION_AGE or (num_drafted > 0 and age >= self.config.spec.reselect_after))
             scored = refresh and self.drafter.needs_scores
+            num_logits = len(tokens) - c.num_tokens + 1 if c.completes_sequence else 0
+            predicted = self._prompt_tokens_to_score(c)
+            if predicted:  # rows from the one before the first predicted prompt token on
+                num_logits = max(num_logits, c.num_tokens - predicted[0])
+                prompt_rows.append((i, req.prompt_ids[c.start + 1 + predicted[0]: c.start + 2 + predicted[1]],
+                                    req.params.prompt_logprobs))
             if refresh:
                 refreshed.append((i, req, c.start + c.num_tokens - 1))
             seqs.append(
@@ -455,7 +463,7 @@ class LLMEngine:
                     token_ids=tokens,
                     start_pos=c.start,
                     page_table=req.page_table,
-                    num_logits=len(tokens) - c.num_tokens + 1 if c.completes_sequence else 0,
+                    num_logits=num_logits,
                     # SpecAttn scores the verification's first and last rows over [0, anchor]
                     score_rows=(c.num_tokens - 1, len(tokens) - 1) if scored else (),
                     score_len=c.start + c.num_tokens if scored else 0,
@@ -464,13 +472,26 @@ class LLMEngine:
             )
         result = self.runner.run(seqs, _placeholder_tokens(on_device, drafts, draft_rows), drafts)
         logprobs = queue_logprob_rows(result.logits, [(i, c.request.params) for i, c in enumerate(chunks)
-                                                      if c.completes_sequence and c.request.params.logprobs is not None])
+                                                      if c.completes_sequence and c.request.params.logprobs is not None],
+                                      prompt_rows)
         # the new selections queue on the device behind the score extraction while the host accepts tokens
         new_drafts = self._new_draft_states(refreshed, result.scores)
         # steps with prefill work, or that captured a CUDA graph (a one-off cost), say nothing about decode cost
         timed = bool(decodes) and len(decodes) == len(chunks) and len(self.runner.graph_shapes) == graphs_before
         return _LaunchedStep(chunks, seqs, gamma, drafted, result, new_drafts, len(decodes) if timed else 0, started,
                              drafts=drafts, logprobs=logprobs)
+
+    @staticmethod
+    def _prompt_tokens_to_score(c: ScheduledChunk) -> tuple[int, int] | None:
+        """For a request asking for prompt logprobs: the (first, last) of the chunk's rows (offsets from its start)
+        that predict prompt tokens not scored yet; None if none does. Row j predicts position start + j + 1; the
+        prompt's first token has nothing to predict it, and a prefill again after preemption scores nothing twice."""
+        req = c.request
+        if req.params.prompt_logprobs is None:
+            return None
+        first = max(len(req.prompt_logprobs), 1, c.start + 1)
+        last = min(c.start + c.num_tokens, len(req.prompt_ids) - 1)
+        return (first - c.start - 1, last - c.start - 1) if first <= last else None
 
     def _accept(self, launched: _LaunchedStep) -> list[tuple[OutputTracker, list[int], _Logprobs | None]]:
         """Wait for a launched step's tokens and settle everything the next step is planned from: accepted drafts,
@@ -498,6 +519,12 @@ class LLMEngine:
             if req.output_ids and req.output_ids[-1] == _ON_DEVICE:
                 req.output_ids.pop()  # the step launched ahead took this step's token from the device: here it is
             req.num_computed = chunk.start + chunk.num_tokens
+            if launched.logprobs is not None and i in launched.logprobs.prompt:
+                if not req.prompt_logprobs:
+                    req.prompt_logprobs.append(TokenLogprob(req.prompt_ids[0], None, ()))
+                first = len(req.prompt_logprobs)
+                count = len(launched.logprobs.prompt[i][0])
+                req.prompt_logprobs += launched.logprobs.prompt_logprobs(i, req.prompt_ids[first:first + count])
             if chunk.completes_sequence:
                 live.append((chunk, seq, logits, argmax if chosen is None else [chosen[i]]))
                 live_index.append(i)
@@ -610,7 +637,16 @@ class LLMEngine:
             num_output_tokens=len(req.output_ids),
             spec=req.spec if req.finished else None,
             logprobs=logprobs,
+            prompt_logprobs=self._take_prompt_logprobs(req, new_ids),
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(req: Request, new_ids: list[int]) -> list[TokenLogprob] | None:
+        """The prompt logprobs, on the first output with tokens of a request that asked for them."""
+        if req.params.prompt_logprobs is None or req.prompt_logprobs_sent or not new_ids:
+            return None
+        req.prompt_logprobs_sent = True
+        return list(req.prompt_logprobs) or [TokenLogprob(req.prompt_ids[0], None, ())]  # a one-token prompt
 
     def _retire(self, req: Request) -> None:
         """Take a finished request out of scheduling and give its pages back."""

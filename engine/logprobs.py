@@ -21,7 +21,7 @@ MAX_LOGPROBS = 20  # most alternatives one position may report (vLLM's default c
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token, which nothing predicts
     top: tuple[tuple[int, float], ...]  # the likeliest tokens at this position and their logprobs, likeliest first
 
 
@@ -34,10 +34,20 @@ class LogprobRows:
 
     top: dict[int, tuple[torch.Tensor, torch.Tensor]]  # sequence index in the step -> ([rows, n] logprobs, ids)
     whole: dict[int, torch.Tensor]  # sequence index in the step -> [rows, vocab] logprobs
+    # sequence index -> its prompt tokens' ([rows] logprobs, [rows, n] likeliest logprobs, ids), the first rows
+    prompt: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     ready: torch.cuda.Event | None  # recorded after the copies (None on the CPU: already done)
 
+    def prompt_logprobs(self, seq: int, tokens: list[int]) -> list[TokenLogprob]:
+        """Sequence `seq`'s prompt tokens that its first rows predict, each with its alternatives."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        chosen, values, ids = self.prompt[seq]
+        return [TokenLogprob(tok, lp, tuple(zip(i, v)))
+                for tok, lp, i, v in zip(tokens, chosen.tolist(), ids.tolist(), values.tolist())]
+
     def token_logprobs(self, seq: int, tokens: list[int], num_top: int) -> list[TokenLogprob]:
-        """Sequence `seq`'s committed tokens, token i chosen at its logits row i, each with its num_top alternatives."""
+        """Sequence `seq`'s committed tokens, token i chosen at its output row i, each with its num_top alternatives."""
         if self.ready is not None:
             self.ready.synchronize()
         if seq in self.whole:
@@ -52,12 +62,27 @@ class LogprobRows:
                 for tok, lp, i, v in zip(tokens, chosen.tolist(), ids.tolist(), values.tolist())]
 
 
-def queue_logprob_rows(logits: list[torch.Tensor], wanted: list[tuple[int, SamplingParams]]) -> LogprobRows | None:
-    """Start copying to the host what the `wanted` (sequence index, params) need of their logits rows, without waiting
-    for the device: one log-softmax, top-k and copy for the greedy ones, one log-softmax and copy for the sampled."""
-    if not wanted:
+def queue_logprob_rows(
+    logits: list[torch.Tensor], wanted: list[tuple[int, SamplingParams]], prompts: list[tuple[int, list[int], int]],
+) -> LogprobRows | None:
+    """Start copying to the host what the sequences asking for logprobs need of their logits rows, without waiting
+    for the device. wanted: (sequence index, params) for output tokens, chosen at the sequence's rows after its
+    prompt rows: one log-softmax, top-k and copy for the greedy ones, one log-softmax and copy for the sampled.
+    prompts: (sequence index, the prompt tokens its first rows predict, alternatives per token): their logprobs
+    gathered and their top-k taken on the device."""
+    if not wanted and not prompts:
         return None
-    top, whole = {}, {}
+    top, whole, prompt = {}, {}, {}
+    if prompts:
+        rows = torch.log_softmax(torch.cat([logits[i][: len(t)] for i, t, _ in prompts]).float(), dim=-1)
+        targets = torch.tensor([tok for _, t, _ in prompts for tok in t]).to(rows.device, non_blocking=True)
+        chosen = rows.gather(1, targets[:, None])[:, 0]
+        values, ids = rows.topk(max(n for *_, n in prompts), dim=-1)
+        sizes = [len(t) for _, t, _ in prompts]
+        parts = [x.to("cpu", non_blocking=True).split(sizes) for x in (chosen, values, ids)]
+        prompt = {i: (c, v[:, :n], d[:, :n]) for (i, _, n), c, v, d in zip(prompts, *parts)}
+    scored = {i: len(tokens) for i, tokens, _ in prompts}
+    logits = [rows[scored.get(i, 0):] for i, rows in enumerate(logits)]  # output tokens: the rows after the prompt's
     greedy = [(i, p) for i, p in wanted if p.greedy]
     if greedy:
         rows = torch.log_softmax(torch.cat([logits[i] for i, _ in greedy]).float(), dim=-1)
@@ -70,7 +95,7 @@ def queue_logprob_rows(logits: list[torch.Tensor], wanted: list[tuple[int, Sampl
         rows = torch.log_softmax(torch.cat([logits[i] for i in sampled]).float(), dim=-1)
         whole = dict(zip(sampled, rows.to("cpu", non_blocking=True).split([logits[i].shape[0] for i in sampled])))
     ready = None
-    if logits[wanted[0][0]].is_cuda:
+    if logits[(wanted or prompts)[0][0]].is_cuda:
         ready = torch.cuda.Event()
         ready.record()
-    return LogprobRows(top, whole, ready)
+    return LogprobRows(top, whole, prompt, ready)

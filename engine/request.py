@@ -79,6 +79,9 @@ class Request:
     finish_reason: FinishReason | None = None
     spec: SpecStats = field(default_factory=SpecStats)
     draft: DraftState | None = None  # what the next drafts attend to; set by each verification
+    # the prompt's tokens' logprobs gathered so far (where asked: params.prompt_logprobs), position by position
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence (a per-step hot path)."""
@@ -107,3 +110,4 @@ class RequestOutput:
     num_output_tokens: int
     spec: SpecStats | None = None  # the request's speculation stats, on its final output
     logprobs: list[TokenLogprob] | None = None  # one per new token, where the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, on the first output, where asked

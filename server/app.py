@@ -80,7 +80,8 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Response | CompletionResponse:
         engine = state.require_engine().engine
         state.check_model(body.model)
-        jobs = build_jobs(body, completion_prompts(body, engine), body.max_tokens, "max_tokens", engine, body.logprobs)
+        jobs = build_jobs(body, completion_prompts(body, engine), body.max_tokens, "max_tokens", engine, body.logprobs,
+                          body.echo)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await completion_response(request, state, jobs, new_id("cmpl"), body.stream, include_usage)
 

@@ -67,6 +67,8 @@ class Tally:
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.texts[index] = self.texts.get(index, "") + out.new_text
+        if out.prompt_logprobs is not None:  # an echoed prompt's, on its first output: they come first
+            self.logprobs[index] = out.prompt_logprobs + self.logprobs.get(index, [])
         if out.logprobs is not None:
             self.logprobs.setdefault(index, []).extend(out.logprobs)
         self.completion_tokens[index] = out.num_output_tokens
@@ -149,7 +151,7 @@ async def completion_response(request: Request, state: ServerState, jobs: list[J
             id=response_id,
             model=state.model_name,
             choices=[CompletionChoice(
-                index=j.index, text=tally.texts.get(j.index, ""), finish_reason=tally.finish[j.index],
+                index=j.index, text=(j.echo or "") + tally.texts.get(j.index, ""), finish_reason=tally.finish[j.index],
                 logprobs=completion_logprobs(tally.logprobs.get(j.index, []), tokenizer)[0] if j.params.logprobs is not None else None,
             ) for j in jobs],
             usage=tally.usage(),
@@ -164,16 +166,20 @@ async def _completion_events(state: ServerState, jobs: list[Job], response_id: s
     model = state.model_name
     tokenizer = state.require_engine().engine.tokenizer
     text_offset: dict[int, int] = {}  # per choice that asked for logprobs: where its next token's text starts
+    echo = {j.index: j.echo for j in jobs if j.echo is not None}  # echoed prompts not yet sent, by choice
     try:
         async for index, out in run_jobs(state, jobs, response_id, reservation):
             tally.add(index, out)
+            text, token_logprobs = out.new_text, (out.prompt_logprobs or []) + (out.logprobs or [])
+            if index in echo and (out.new_text or out.new_token_ids or out.finished):
+                text = echo.pop(index) + text  # with the first tokens, and the prompt logprobs they carry
             logprobs = None
-            if out.logprobs:
-                logprobs, text_offset[index] = completion_logprobs(out.logprobs, tokenizer, text_offset.get(index, 0))
-            if out.new_text or out.finished or logprobs:
+            if token_logprobs:
+                logprobs, text_offset[index] = completion_logprobs(token_logprobs, tokenizer, text_offset.get(index, 0))
+            if text or out.finished or logprobs:
                 yield _sse(CompletionChunk(
                     id=response_id, model=model,
-                    choices=[CompletionChoice(index=index, text=out.new_text, finish_reason=tally.finish.get(index),
+                    choices=[CompletionChoice(index=index, text=text, finish_reason=tally.finish.get(index),
                                               logprobs=logprobs)],
                     spec_decode=out.spec.as_dict() if out.spec is not None else None,
                 ))

@@ -22,6 +22,9 @@ def completion_logprobs(
         tokens.append(tokenizer.token_text(lp.token_id))
         offsets.append(text_offset)
         text_offset += len(tokens[-1])
+        if lp.logprob is None:  # an echoed prompt's first token
+            top.append(None)
+            continue
         alternatives: dict[str, float] = {}
         for token_id, value in (*lp.top, (lp.token_id, lp.logprob)):
             alternatives.setdefault(tokenizer.token_text(token_id), value)

@@ -21,6 +21,7 @@ class Job:
     prompt_index: int
     prompt_ids: list[int]
     params: SamplingParams
+    echo: str | None = None  # the prompt's text, which the choice's text starts with (completions' echo)
 
 
 def completion_prompts(req: CompletionRequest, engine: LLMEngine) -> list[list[int]]:
@@ -78,7 +79,6 @@ _UNSUPPORTED: dict[str, Callable[[Any, SamplingFields], bool]] = {
     "repetition_penalty": lambda value, _: value == 1,
     "logit_bias": lambda value, _: not value,
     "response_format": lambda value, _: value in (None, {"type": "text"}),
-    "echo": lambda value, _: not value,
     "best_of": lambda value, req: value in (None, req.n),
     "suffix": lambda value, _: not value,
     "tools": lambda value, _: not value,
@@ -94,10 +94,11 @@ def unsupported_field(req: SamplingFields) -> str | None:
 
 def build_jobs(
     req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, max_tokens_param: str, engine: LLMEngine,
-    logprobs: int | None = None,
+    logprobs: int | None = None, echo: bool = False,
 ) -> list[Job]:
     """One Job per (prompt, choice), checked against the engine now so bad input is a 400 before any streaming.
-    logprobs: alternatives to report per output token (None: no logprobs)."""
+    logprobs: alternatives to report per output token (None: no logprobs); echo: the prompt comes first in each
+    choice's text, and with logprobs its tokens' logprobs first in the choice's logprobs."""
     unsupported = unsupported_field(req)
     if unsupported is not None:
         raise APIError(400, f"{unsupported} is not supported by this server; leave it out or at its default",
@@ -121,9 +122,11 @@ def build_jobs(
                     ignore_eos=req.ignore_eos,
                     min_tokens=req.min_tokens,
                     logprobs=logprobs,
+                    prompt_logprobs=logprobs if echo else None,
                 )
                 engine.check_request(ids, params)
             except ValueError as e:
                 raise APIError(400, str(e)) from e
-            jobs.append(Job(index=p_idx * req.n + i, prompt_index=p_idx, prompt_ids=ids, params=params))
+            echoed = engine.tokenizer.decode(ids, skip_special_tokens=False) if echo else None
+            jobs.append(Job(index=p_idx * req.n + i, prompt_index=p_idx, prompt_ids=ids, params=params, echo=echoed))
     return jobs

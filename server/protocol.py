@@ -63,7 +63,7 @@ class CompletionRequest(SamplingFields):
     logprobs: NumLogprobs | None = Field(
         default=None, description="each output token's logprob and this many likeliest alternatives"
     )
-    echo: bool = False  # not implemented (a 400 where true)
+    echo: bool = Field(default=False, description="the prompt before each choice's text (and its tokens' logprobs)")
     best_of: int | None = None  # not implemented beyond best_of = n
     suffix: str | None = None  # not implemented
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
@@ -127,8 +127,8 @@ class CompletionLogprobs(BaseModel):
     in the choice's text)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token, which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -175,6 +175,28 @@ def test_completion_logprobs_whole_and_streamed(client):
     assert client.completions.create(**{**kw, "logprobs": None}).choices[0].logprobs is None
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, reference):
+    """echo with logprobs, as lm-evaluation-harness asks to score a continuation: the text is prompt + completion, the
+    lists start with the prompt's tokens (the first with no logprob), offsets run over both; streamed the same;
+    echo alone only prefixes the text."""
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    ids = reference.tokenizer.encode(prompt)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    choice = client.completions.create(**kw).choices[0]
+    lp = choice.logprobs
+    assert choice.text == prompt + greedy_text(reference, ids, 3)
+    assert len(lp.tokens) == len(ids) + 3 and "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True)]
+    assert "".join(c.text for c in chunks) == choice.text
+    streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    plain = client.completions.create(**{**kw, "logprobs": None}).choices[0]
+    assert plain.text == choice.text and plain.logprobs is None
+
+
 def test_logprobs_zero_reports_the_chosen_token_alone(client):
     """logprobs=0 on a sampled completion: each position's top_logprobs holds the sampled token (OpenAI lists up to
     logprobs + 1, the chosen one among them) with its logprob; chat's top_logprobs=0 gives empty lists."""
@@ -275,7 +297,6 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
     ("completions", {"model": MODEL, "prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty"),
     ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"50": -100}}, "logit_bias"),
-    ("completions", {"model": MODEL, "prompt": "x", "echo": True}, "echo"),
     ("completions", {"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1},
      "presence_penalty"),
@@ -310,7 +331,7 @@ def test_unimplemented_fields_at_their_defaults_are_accepted(client):
                                        temperature=0, presence_penalty=0, frequency_penalty=0, tools=[],
                                        response_format={"type": "text"}, logit_bias={})
     assert r.choices[0].message.content == "The capital of France is Paris."
-    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, best_of=1, echo=False)
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, best_of=1)
     assert r.usage.completion_tokens == 2
     r = httpx.post(f"{client.base_url}chat/completions", timeout=30, json={
         "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": None})

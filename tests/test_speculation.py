@@ -4,6 +4,7 @@ and sampled output has the target distribution."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import sysconfig
@@ -438,3 +439,55 @@ def test_logprobs_under_speculation_equal_plain_decoding(make_engine, prompt_ids
                 assert [v for _, v in b.top] == sorted((v for _, v in b.top), reverse=True)
                 if params.greedy:  # the chosen token is the likeliest
                     assert b.top[0] == (b.token_id, pytest.approx(b.logprob))
+
+
+def test_prompt_logprobs_equal_one_forward_over_the_prompt(make_engine, prompt_ids):
+    """Prompt logprobs gathered chunk by chunk (8-token prefill chunks beside other requests' SpecAttn decodes) equal
+    those of one forward over each whole prompt: token p's is row p - 1's log-softmax at it, the first token's is
+    None; they come once, on the request's first output, and the output tokens are plain decoding's, also where a
+    draft chain is queued right after a prefill that scored prompt tokens: its drafts are accepted exactly as without
+    prompt logprobs (a chain started from the chunk's first row, not its last, would be rejected: outputs right,
+    speed lost)."""
+    params = dataclasses.replace(GREEDY, max_tokens=6, logprobs=1, prompt_logprobs=2)
+    prompts = prompt_ids[2:4] + prompt_ids[7:8]  # 10 to 25 tokens: several chunks each
+
+    def run(params):
+        engine = make_engine(spec=SpecConfig(drafter="specattn", **SPARSE), max_num_batched_tokens=16)
+        chains_after_prompt_rows, draft_ahead = [], engine._draft_ahead
+
+        def spy(step):
+            ahead = draft_ahead(step)
+            if ahead is not None and ahead.gamma and step.logprobs is not None and step.logprobs.prompt:
+                chains_after_prompt_rows.append(ahead.gamma)
+            return ahead
+
+        engine._draft_ahead = spy
+        got, outputs = {}, {i: [] for i in range(len(prompts))}
+        for step in itertools.count():
+            if step < len(prompts):  # one more every step, so prefills run beside decodes
+                engine.add_request(f"p{step}", prompts[step], params)
+            elif not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                i = int(out.request_id[1:])
+                outputs[i] += out.new_token_ids
+                if out.prompt_logprobs is not None:
+                    assert i not in got
+                    got[i] = out.prompt_logprobs
+        return got, outputs, engine.stats().spec, chains_after_prompt_rows
+
+    got, outputs, spec, chains = run(params)
+    assert chains, "a draft chain was meant to follow a prefill that scored prompt tokens"
+    _, outputs_without, spec_without, _ = run(dataclasses.replace(params, prompt_logprobs=None))
+    assert outputs == outputs_without and spec.accepted_per_position == spec_without.accepted_per_position
+    plain = make_engine(spec=PLAIN)
+    for i, ids in enumerate(prompts):
+        assert outputs[i] == plain.generate([ids], dataclasses.replace(params, prompt_logprobs=None))[0]
+        pages: list[int] = []
+        assert plain.cache.allocator.grow(pages, len(ids))
+        rows = torch.log_softmax(plain.runner.run([SequenceInput(ids, 0, pages, len(ids))]).logits[0].float(), -1)
+        plain.cache.allocator.release(pages)
+        assert [lp.token_id for lp in got[i]] == ids and got[i][0].logprob is None and got[i][0].top == ()
+        for p in range(1, len(ids)):
+            assert got[i][p].logprob == pytest.approx(float(rows[p - 1, ids[p]]), abs=1e-4)
+            assert [t for t, _ in got[i][p].top] == rows[p - 1].topk(2).indices.tolist()
